@@ -1,0 +1,457 @@
+//! The exception btree: keyed by origin chunk, leaves hold exceptions
+//! `{origin chunk, COW chunk, share bitmap}` sorted by (chunk, COW chunk).  All exceptions of
+//! one origin chunk live in the same leaf (splits happen at chunk boundaries), so a chunk is
+//! looked up with a single descent.  Nodes are updated in place under the journal; empty
+//! leaves are pruned, so every leaf stays at the same depth.  No recursion: paths are kept in
+//! fixed arrays bounded by `MAX_DEPTH`.
+
+use crate::exception_store::format::{
+    get16, get64, put16, put64, Block, BlockType, Error, Result, BLOCK_SIZE, HEADER_SIZE, MAX_DEPTH,
+    MAX_SNAPSHOTS,
+};
+
+/// Offset of the entry count (u16) in a node header.
+const N_COUNT: usize = 24;
+/// Offset of the node level (u16, 0 = leaf) in a node header.
+const N_LEVEL: usize = 26;
+
+const LEAF_ENTRY: usize = 24;
+const INTERNAL_ENTRY: usize = 16;
+/// Exceptions per leaf.
+pub const LEAF_CAP: usize = (BLOCK_SIZE - HEADER_SIZE) / LEAF_ENTRY;
+/// Children per internal node.
+pub const INTERNAL_CAP: usize = (BLOCK_SIZE - HEADER_SIZE) / INTERNAL_ENTRY;
+
+/// One exception: the copy of origin chunk `chunk` kept in COW chunk `cow`, shared by the
+/// snapshot slots whose bits are set in `share`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Exception {
+    /// Origin chunk.
+    pub chunk: u64,
+    /// COW data chunk holding the copy.
+    pub cow: u64,
+    /// Bitmap of the snapshot slots that read this copy.
+    pub share: u64,
+}
+
+/// Root block and depth (number of levels; 1 = the root is a leaf).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Root {
+    /// Block number of the root node.
+    pub block: u64,
+    /// Levels in the tree.
+    pub depth: u32,
+}
+
+/// Access to btree nodes, implemented by the store (cache + allocator).
+pub trait NodeStore {
+    /// Loads (and on first read validates) node `block` expected at `level`; returns its slot.
+    fn node(&mut self, block: u64, level: u16, nonblocking: bool) -> Result<usize>;
+    /// A loaded node.
+    fn nb(&self, slot: usize) -> &Block;
+    /// A loaded node, for modification.
+    fn nb_mut(&mut self, slot: usize) -> &mut Block;
+    /// Two loaded nodes, for modification.
+    fn nb_mut2(&mut self, a: usize, b: usize) -> (&mut Block, &mut Block);
+    /// Allocates and initialises an empty node at `level`.
+    fn alloc_node(&mut self, level: u16) -> Result<(u64, usize)>;
+    /// Frees a node's block.
+    fn free_node(&mut self, block: u64) -> Result<()>;
+    /// Free metadata blocks left.
+    fn meta_free(&self) -> u64;
+}
+
+/// Number of entries in a node.
+pub fn count(b: &Block) -> usize {
+    get16(b, N_COUNT) as usize
+}
+
+fn set_count(b: &mut Block, n: usize) {
+    put16(b, N_COUNT, n as u16);
+}
+
+/// Level of a node (0 = leaf).
+pub fn level(b: &Block) -> u16 {
+    get16(b, N_LEVEL)
+}
+
+/// Initialises the node-specific header fields.
+pub fn init_node(b: &mut Block, level: u16) {
+    set_count(b, 0);
+    put16(b, N_LEVEL, level);
+}
+
+/// Type of a node at `level`.
+pub fn node_type(level: u16) -> BlockType {
+    if level == 0 {
+        BlockType::Leaf
+    } else {
+        BlockType::Internal
+    }
+}
+
+/// Exception `i` of a leaf.
+pub fn leaf_entry(b: &Block, i: usize) -> Exception {
+    let o = HEADER_SIZE + i * LEAF_ENTRY;
+    Exception { chunk: get64(b, o), cow: get64(b, o + 8), share: get64(b, o + 16) }
+}
+
+fn set_leaf_entry(b: &mut Block, i: usize, e: &Exception) {
+    let o = HEADER_SIZE + i * LEAF_ENTRY;
+    put64(b, o, e.chunk);
+    put64(b, o + 8, e.cow);
+    put64(b, o + 16, e.share);
+}
+
+/// Sets the share bitmap of leaf entry `i`.
+pub fn set_leaf_share(b: &mut Block, i: usize, share: u64) {
+    put64(b, HEADER_SIZE + i * LEAF_ENTRY + 16, share);
+}
+
+/// Key and child of internal entry `i`.
+pub fn internal_entry(b: &Block, i: usize) -> (u64, u64) {
+    let o = HEADER_SIZE + i * INTERNAL_ENTRY;
+    (get64(b, o), get64(b, o + 8))
+}
+
+fn set_internal_entry(b: &mut Block, i: usize, key: u64, child: u64) {
+    let o = HEADER_SIZE + i * INTERNAL_ENTRY;
+    put64(b, o, key);
+    put64(b, o + 8, child);
+}
+
+/// Structural validation of a node just read: level, count, ordering, child range.
+/// `child_ok` says whether a child block number is plausible.
+pub fn validate_node(b: &Block, blk: u64, want_level: u16, child_ok: impl Fn(u64) -> bool, cow_ok: impl Fn(u64) -> bool) -> Result<()> {
+    let corrupt = |what| Err(Error::Corrupt { block: blk, what });
+    if level(b) != want_level {
+        return corrupt("btree node at unexpected level");
+    }
+    let n = count(b);
+    if want_level == 0 {
+        if n > LEAF_CAP {
+            return corrupt("leaf entry count too large");
+        }
+        let mut run = 0usize;
+        let mut prev: Option<Exception> = None;
+        for i in 0..n {
+            let e = leaf_entry(b, i);
+            if e.share == 0 {
+                return corrupt("exception with empty share bitmap");
+            }
+            if !cow_ok(e.cow) {
+                return corrupt("exception points outside the COW data area");
+            }
+            if let Some(p) = prev {
+                if (p.chunk, p.cow) >= (e.chunk, e.cow) {
+                    return corrupt("leaf entries out of order");
+                }
+                if p.chunk == e.chunk {
+                    if p.share & e.share != 0 {
+                        return corrupt("two exceptions of one chunk share a snapshot");
+                    }
+                    run += 1;
+                } else {
+                    run = 1;
+                }
+            } else {
+                run = 1;
+            }
+            if run > MAX_SNAPSHOTS {
+                return corrupt("more than 64 exceptions for one chunk");
+            }
+            prev = Some(e);
+        }
+    } else {
+        if n == 0 || n > INTERNAL_CAP {
+            return corrupt("internal node entry count out of range");
+        }
+        for i in 0..n {
+            let (k, c) = internal_entry(b, i);
+            if !child_ok(c) {
+                return corrupt("child pointer outside the metadata area");
+            }
+            if i > 0 && internal_entry(b, i - 1).0 >= k {
+                return corrupt("internal keys out of order");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Index of the child of internal node `b` that covers `key`.
+fn child_index(b: &Block, key: u64) -> usize {
+    let n = count(b);
+    let (mut lo, mut hi) = (0usize, n);
+    // largest i with key_i <= key; 0 if none
+    while lo + 1 < hi {
+        let mid = (lo + hi) / 2;
+        if internal_entry(b, mid).0 <= key {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
+/// First leaf index whose (chunk, cow) is >= (chunk, cow).
+fn leaf_lower_bound(b: &Block, chunk: u64, cow: u64) -> usize {
+    let (mut lo, mut hi) = (0usize, count(b));
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        let e = leaf_entry(b, mid);
+        if (e.chunk, e.cow) < (chunk, cow) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
+/// Range of leaf indices holding exceptions of `chunk`.
+pub fn chunk_range(b: &Block, chunk: u64) -> (usize, usize) {
+    let s = leaf_lower_bound(b, chunk, 0);
+    let mut e = s;
+    let n = count(b);
+    while e < n && leaf_entry(b, e).chunk == chunk {
+        e += 1;
+    }
+    (s, e)
+}
+
+/// A descent from the root to a leaf.
+#[derive(Clone, Copy)]
+pub struct Path {
+    /// (block, slot, child index) of each internal node, root first.
+    nodes: [(u64, usize, usize); MAX_DEPTH],
+    len: usize,
+    /// Block and slot of the leaf.
+    pub leaf: (u64, usize),
+    /// Smallest key not covered by this leaf (None: the last leaf).
+    pub upper: Option<u64>,
+}
+
+/// Descends to the leaf covering `key`.
+pub fn find_leaf(ns: &mut impl NodeStore, root: Root, key: u64, nonblocking: bool) -> Result<Path> {
+    if root.depth == 0 || root.depth as usize > MAX_DEPTH {
+        return Err(Error::Corrupt { block: root.block, what: "btree depth out of range" });
+    }
+    let mut path = Path { nodes: [(0, 0, 0); MAX_DEPTH], len: 0, leaf: (0, 0), upper: None };
+    let mut blk = root.block;
+    let mut lvl = (root.depth - 1) as u16;
+    loop {
+        let slot = ns.node(blk, lvl, nonblocking)?;
+        if lvl == 0 {
+            path.leaf = (blk, slot);
+            return Ok(path);
+        }
+        let b = ns.nb(slot);
+        let i = child_index(b, key);
+        if i + 1 < count(b) {
+            path.upper = Some(internal_entry(b, i + 1).0);
+        }
+        let child = internal_entry(b, i).1;
+        path.nodes[path.len] = (blk, slot, i);
+        path.len += 1;
+        blk = child;
+        lvl -= 1;
+    }
+}
+
+/// Inserts an exception (the caller guarantees (chunk, cow) is not present).
+pub fn insert(ns: &mut impl NodeStore, root: &mut Root, e: Exception) -> Result<()> {
+    if ns.meta_free() < root.depth as u64 + 2 {
+        return Err(Error::NoMetaSpace);
+    }
+    let mut path = find_leaf(ns, *root, e.chunk, false)?;
+    let (_, lslot) = path.leaf;
+    let n = count(ns.nb(lslot));
+    if n < LEAF_CAP {
+        leaf_insert_at(ns.nb_mut(lslot), e);
+        return Ok(());
+    }
+    // Split the leaf at a chunk boundary near the middle.
+    let b = ns.nb(lslot);
+    let mid = n / 2;
+    let mut split = None;
+    for d in 0..n {
+        for cand in [mid.wrapping_sub(d), mid + d] {
+            if cand >= 1 && cand < n && leaf_entry(b, cand - 1).chunk != leaf_entry(b, cand).chunk {
+                split = Some(cand);
+                break;
+            }
+        }
+        if split.is_some() {
+            break;
+        }
+    }
+    let Some(split) = split else {
+        return Err(Error::Corrupt { block: path.leaf.0, what: "leaf holds one chunk only" });
+    };
+    let (rblk, rslot) = ns.alloc_node(0)?;
+    let (l, r) = ns.nb_mut2(lslot, rslot);
+    for i in split..n {
+        let x = leaf_entry(l, i);
+        set_leaf_entry(r, i - split, &x);
+    }
+    set_count(r, n - split);
+    set_count(l, split);
+    let sep = leaf_entry(r, 0).chunk;
+    if e.chunk >= sep {
+        leaf_insert_at(r, e);
+    } else {
+        leaf_insert_at(l, e);
+    }
+    insert_parent(ns, root, &mut path, sep, rblk)
+}
+
+fn leaf_insert_at(b: &mut Block, e: Exception) {
+    let n = count(b);
+    let pos = leaf_lower_bound(b, e.chunk, e.cow);
+    let o = HEADER_SIZE + pos * LEAF_ENTRY;
+    b.copy_within(o..HEADER_SIZE + n * LEAF_ENTRY, o + LEAF_ENTRY);
+    set_leaf_entry(b, pos, &e);
+    set_count(b, n + 1);
+}
+
+/// Adds (key, child) to the parent of the node just split, splitting upwards as needed.
+fn insert_parent(ns: &mut impl NodeStore, root: &mut Root, path: &mut Path, mut key: u64, mut child: u64) -> Result<()> {
+    let mut lvl = 1u16;
+    while path.len > 0 {
+        path.len -= 1;
+        let (pblk, pslot, idx) = path.nodes[path.len];
+        let n = count(ns.nb(pslot));
+        if n < INTERNAL_CAP {
+            internal_insert_at(ns.nb_mut(pslot), idx + 1, key, child);
+            return Ok(());
+        }
+        let (rblk, rslot) = ns.alloc_node(lvl)?;
+        let split = n / 2;
+        let (l, r) = ns.nb_mut2(pslot, rslot);
+        for i in split..n {
+            let (k, c) = internal_entry(l, i);
+            set_internal_entry(r, i - split, k, c);
+        }
+        set_count(r, n - split);
+        set_count(l, split);
+        let sep = internal_entry(r, 0).0;
+        if idx + 1 >= split {
+            internal_insert_at(r, idx + 1 - split, key, child);
+        } else {
+            internal_insert_at(l, idx + 1, key, child);
+        }
+        let _ = pblk;
+        key = sep;
+        child = rblk;
+        lvl += 1;
+    }
+    // The root split: grow the tree by one level.
+    if root.depth as usize >= MAX_DEPTH {
+        return Err(Error::NoMetaSpace);
+    }
+    let (nblk, nslot) = ns.alloc_node(root.depth as u16)?;
+    let b = ns.nb_mut(nslot);
+    set_internal_entry(b, 0, 0, root.block);
+    set_internal_entry(b, 1, key, child);
+    set_count(b, 2);
+    root.block = nblk;
+    root.depth += 1;
+    Ok(())
+}
+
+fn internal_insert_at(b: &mut Block, pos: usize, key: u64, child: u64) {
+    let n = count(b);
+    let o = HEADER_SIZE + pos * INTERNAL_ENTRY;
+    b.copy_within(o..HEADER_SIZE + n * INTERNAL_ENTRY, o + INTERNAL_ENTRY);
+    set_internal_entry(b, pos, key, child);
+    set_count(b, n + 1);
+}
+
+/// Removes leaf entry `idx` of the leaf on `path`; prunes the leaf if it becomes empty.
+pub fn remove_at(ns: &mut impl NodeStore, root: &mut Root, path: &Path, idx: usize) -> Result<()> {
+    let (_, lslot) = path.leaf;
+    let b = ns.nb_mut(lslot);
+    let n = count(b);
+    if idx >= n {
+        return Err(Error::Invalid("leaf index"));
+    }
+    let o = HEADER_SIZE + idx * LEAF_ENTRY;
+    b.copy_within(o + LEAF_ENTRY..HEADER_SIZE + n * LEAF_ENTRY, o);
+    set_count(b, n - 1);
+    if n - 1 == 0 {
+        prune(ns, root, path)?;
+    }
+    Ok(())
+}
+
+/// Removes every entry of the leaf on `path` for which `keep` returns false, rewriting the
+/// shares `keep` changes; prunes the leaf if it becomes empty.
+pub fn filter_leaf(ns: &mut impl NodeStore, root: &mut Root, path: &Path, mut keep: impl FnMut(&mut Exception) -> Result<bool>) -> Result<()> {
+    let (_, lslot) = path.leaf;
+    let n = count(ns.nb(lslot));
+    let mut w = 0;
+    let mut changed = false;
+    for i in 0..n {
+        let mut e = leaf_entry(ns.nb(lslot), i);
+        let old = e;
+        if keep(&mut e)? {
+            if w != i || e != old {
+                set_leaf_entry(ns.nb_mut(lslot), w, &e);
+                changed = true;
+            }
+            w += 1;
+        } else {
+            changed = true;
+        }
+    }
+    if changed {
+        set_count(ns.nb_mut(lslot), w);
+        if w == 0 {
+            prune(ns, root, path)?;
+        }
+    }
+    Ok(())
+}
+
+/// Unlinks an empty leaf (and any internal node left empty) from the tree.
+fn prune(ns: &mut impl NodeStore, root: &mut Root, path: &Path) -> Result<()> {
+    let mut victim = path.leaf.0;
+    let mut depth = path.len;
+    while depth > 0 {
+        depth -= 1;
+        let (_, pslot, idx) = path.nodes[depth];
+        ns.free_node(victim)?;
+        let b = ns.nb_mut(pslot);
+        let n = count(b);
+        let o = HEADER_SIZE + idx * INTERNAL_ENTRY;
+        b.copy_within(o + INTERNAL_ENTRY..HEADER_SIZE + n * INTERNAL_ENTRY, o);
+        set_count(b, n - 1);
+        if n - 1 > 0 {
+            break;
+        }
+        victim = path.nodes[depth].0;
+        if depth == 0 {
+            // The root lost its last child: the tree becomes one empty leaf.
+            ns.free_node(victim)?;
+            let (nblk, _) = ns.alloc_node(0)?;
+            root.block = nblk;
+            root.depth = 1;
+            return Ok(());
+        }
+    }
+    // Shrink a root with one child.
+    while root.depth > 1 {
+        let slot = ns.node(root.block, (root.depth - 1) as u16, false)?;
+        let b = ns.nb(slot);
+        if count(b) != 1 {
+            break;
+        }
+        let child = internal_entry(b, 0).1;
+        ns.free_node(root.block)?;
+        root.block = child;
+        root.depth -= 1;
+    }
+    Ok(())
+}

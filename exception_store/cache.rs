@@ -1,0 +1,312 @@
+//! A bounded write-back cache of metadata blocks.  Memory comes from the caller (`CacheMem`):
+//! the kernel hands vmalloc'ed slots, userspace a Vec.  Dirty blocks stay until the journal
+//! commits them; clean ones are evicted by a clock hand.  Blocks touched by the operation in
+//! progress (same epoch) are never evicted, so an operation may hold several slot indices.
+
+use super::format::{Block, BlockIo, Error, Result, BLOCK_SIZE};
+
+const NONE: u32 = u32::MAX;
+
+/// One cached block.
+pub struct Slot {
+    data: Block,
+    block: u64,
+    next: u32,
+    state: SlotState,
+    referenced: bool,
+    epoch: u32,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SlotState {
+    Empty,
+    Clean,
+    Dirty,
+}
+
+impl Slot {
+    /// An empty slot.
+    pub const fn new() -> Self {
+        Slot { data: [0; BLOCK_SIZE], block: 0, next: NONE, state: SlotState::Empty, referenced: false, epoch: 0 }
+    }
+}
+
+impl Default for Slot {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Memory for the cache: slots, and hash buckets (a power of two, at least as many as slots).
+pub trait CacheMem {
+    /// The slots.
+    fn slots(&self) -> &[Slot];
+    /// The slots, mutable.
+    fn slots_mut(&mut self) -> &mut [Slot];
+    /// The hash buckets (length a power of two).
+    fn buckets_mut(&mut self) -> &mut [u32];
+}
+
+/// The cache proper.
+pub struct Cache<M: CacheMem> {
+    mem: M,
+    hand: usize,
+    epoch: u32,
+    ndirty: usize,
+    /// Blocks read from disk since creation (for statistics and tests).
+    pub reads: u64,
+}
+
+fn hash(block: u64, nbuckets: usize) -> usize {
+    (block.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as usize & (nbuckets - 1)
+}
+
+impl<M: CacheMem> Cache<M> {
+    /// Wraps caller-provided memory; fails if it is too small or badly shaped.
+    pub fn new(mut mem: M) -> Result<Self> {
+        let n = mem.slots().len();
+        let nb = mem.buckets_mut().len();
+        if n < 64 || n >= NONE as usize || nb < n || !nb.is_power_of_two() {
+            return Err(Error::Invalid("cache memory: need >= 64 slots and power-of-two buckets >= slots"));
+        }
+        for b in mem.buckets_mut().iter_mut() {
+            *b = NONE;
+        }
+        for s in mem.slots_mut().iter_mut() {
+            s.state = SlotState::Empty;
+            s.next = NONE;
+        }
+        Ok(Cache { mem, hand: 0, epoch: 1, ndirty: 0, reads: 0 })
+    }
+
+    /// Number of slots.
+    pub fn capacity(&self) -> usize {
+        self.mem.slots().len()
+    }
+
+    /// Number of dirty slots.
+    pub fn ndirty(&self) -> usize {
+        self.ndirty
+    }
+
+    /// Starts a new operation: blocks touched from now on are protected from eviction.
+    pub fn begin_op(&mut self) {
+        self.epoch = self.epoch.wrapping_add(1);
+    }
+
+    fn find(&mut self, block: u64) -> Option<usize> {
+        let nb = self.mem.buckets_mut().len();
+        let mut i = self.mem.buckets_mut()[hash(block, nb)];
+        while i != NONE {
+            let s = &self.mem.slots()[i as usize];
+            if s.block == block && s.state != SlotState::Empty {
+                return Some(i as usize);
+            }
+            i = s.next;
+        }
+        None
+    }
+
+    fn unhash(&mut self, idx: usize) {
+        let block = self.mem.slots()[idx].block;
+        let nb = self.mem.buckets_mut().len();
+        let h = hash(block, nb);
+        let next = self.mem.slots()[idx].next;
+        let mut i = self.mem.buckets_mut()[h];
+        if i as usize == idx {
+            self.mem.buckets_mut()[h] = next;
+            return;
+        }
+        while i != NONE {
+            let cur = i as usize;
+            i = self.mem.slots()[cur].next;
+            if i as usize == idx {
+                self.mem.slots_mut()[cur].next = next;
+                return;
+            }
+        }
+    }
+
+    fn victim(&mut self) -> Result<usize> {
+        let n = self.capacity();
+        for _ in 0..2 * n + 1 {
+            let i = self.hand;
+            self.hand = (self.hand + 1) % n;
+            let epoch = self.epoch;
+            let s = &mut self.mem.slots_mut()[i];
+            match s.state {
+                SlotState::Empty => return Ok(i),
+                SlotState::Dirty => continue,
+                SlotState::Clean => {
+                    if s.epoch == epoch {
+                        continue;
+                    }
+                    if s.referenced {
+                        s.referenced = false;
+                        continue;
+                    }
+                    self.unhash(i);
+                    self.mem.slots_mut()[i].state = SlotState::Empty;
+                    return Ok(i);
+                }
+            }
+        }
+        Err(Error::CacheFull)
+    }
+
+    fn install(&mut self, idx: usize, block: u64) {
+        let nb = self.mem.buckets_mut().len();
+        let h = hash(block, nb);
+        let head = self.mem.buckets_mut()[h];
+        let epoch = self.epoch;
+        let s = &mut self.mem.slots_mut()[idx];
+        s.block = block;
+        s.next = head;
+        s.state = SlotState::Clean;
+        s.referenced = true;
+        s.epoch = epoch;
+        self.mem.buckets_mut()[h] = idx as u32;
+    }
+
+    fn touch(&mut self, idx: usize) {
+        let epoch = self.epoch;
+        let s = &mut self.mem.slots_mut()[idx];
+        s.referenced = true;
+        s.epoch = epoch;
+    }
+
+    /// Returns the slot holding `block`, reading it if needed.  The bool is true when the
+    /// block was just read from disk: the caller must validate it (and `discard` on failure).
+    pub fn get(&mut self, io: &mut impl BlockIo, block: u64, nonblocking: bool) -> Result<(usize, bool)> {
+        if let Some(i) = self.find(block) {
+            self.touch(i);
+            return Ok((i, false));
+        }
+        if nonblocking {
+            return Err(Error::WouldBlock);
+        }
+        let i = self.victim()?;
+        if let Err(e) = io.read_block(block, &mut self.mem.slots_mut()[i].data) {
+            return Err(e);
+        }
+        self.reads += 1;
+        self.install(i, block);
+        Ok((i, true))
+    }
+
+    /// Returns a zeroed, dirty slot for a newly allocated block (no read).
+    pub fn get_new(&mut self, block: u64) -> Result<usize> {
+        let i = match self.find(block) {
+            Some(i) => i,
+            None => {
+                let i = self.victim()?;
+                self.install(i, block);
+                i
+            }
+        };
+        self.touch(i);
+        self.mem.slots_mut()[i].data.fill(0);
+        self.mark_dirty(i);
+        Ok(i)
+    }
+
+    /// Drops a slot whose content failed validation.
+    pub fn discard(&mut self, idx: usize) {
+        if self.mem.slots()[idx].state == SlotState::Dirty {
+            self.ndirty -= 1;
+        }
+        self.unhash(idx);
+        self.mem.slots_mut()[idx].state = SlotState::Empty;
+    }
+
+    /// Drops every clean block (used after journal replay rewrote blocks behind the cache).
+    pub fn drop_clean(&mut self) {
+        for i in 0..self.capacity() {
+            if self.mem.slots()[i].state == SlotState::Clean {
+                self.discard(i);
+            }
+        }
+    }
+
+    /// The block in slot `idx`.
+    pub fn data(&self, idx: usize) -> &Block {
+        &self.mem.slots()[idx].data
+    }
+
+    /// The block in slot `idx`, for modification: marks it dirty.
+    pub fn data_mut(&mut self, idx: usize) -> &mut Block {
+        self.mark_dirty(idx);
+        &mut self.mem.slots_mut()[idx].data
+    }
+
+    /// Two distinct slots for modification (both marked dirty).
+    pub fn data_mut2(&mut self, a: usize, b: usize) -> (&mut Block, &mut Block) {
+        assert!(a != b);
+        self.mark_dirty(a);
+        self.mark_dirty(b);
+        let slots = self.mem.slots_mut();
+        if a < b {
+            let (x, y) = slots.split_at_mut(b);
+            (&mut x[a].data, &mut y[0].data)
+        } else {
+            let (x, y) = slots.split_at_mut(a);
+            (&mut y[0].data, &mut x[b].data)
+        }
+    }
+
+    fn mark_dirty(&mut self, idx: usize) {
+        let s = &mut self.mem.slots_mut()[idx];
+        if s.state != SlotState::Dirty {
+            s.state = SlotState::Dirty;
+            self.ndirty += 1;
+        }
+    }
+
+    /// Block number held by slot `idx`.
+    pub fn block_of(&self, idx: usize) -> u64 {
+        self.mem.slots()[idx].block
+    }
+
+    /// Calls `f` with the slot index of every dirty block, in slot order.
+    pub fn for_each_dirty(&mut self, mut f: impl FnMut(&mut Self, usize) -> Result<()>) -> Result<()> {
+        for i in 0..self.capacity() {
+            if self.mem.slots()[i].state == SlotState::Dirty {
+                f(self, i)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Mutable access to a dirty slot's data without changing its state (sealing).
+    pub fn raw_mut(&mut self, idx: usize) -> &mut Block {
+        &mut self.mem.slots_mut()[idx].data
+    }
+
+    /// Marks every dirty block clean (after they have been journaled and written home).
+    pub fn mark_all_clean(&mut self) {
+        for s in self.mem.slots_mut().iter_mut() {
+            if s.state == SlotState::Dirty {
+                s.state = SlotState::Clean;
+            }
+        }
+        self.ndirty = 0;
+    }
+
+    /// Forgets everything, dirty blocks included (after a failed commit the in-memory state
+    /// is no longer trusted).
+    pub fn reset(&mut self) {
+        for b in self.mem.buckets_mut().iter_mut() {
+            *b = NONE;
+        }
+        for s in self.mem.slots_mut().iter_mut() {
+            s.state = SlotState::Empty;
+            s.next = NONE;
+        }
+        self.ndirty = 0;
+    }
+
+    /// Gives the memory back.
+    pub fn into_mem(self) -> M {
+        self.mem
+    }
+}

@@ -1,0 +1,738 @@
+//! The shared exception store: one btree of exceptions for all snapshots of an origin, a
+//! journal, and allocation bitmaps, on one COW device.  `no_std`, no heap: the caller passes
+//! the block I/O (`BlockIo`) and the cache memory (`CacheMem`).
+//!
+//! Transactions: mutating operations change cached blocks; `commit` journals them.  An
+//! operation that returns a COW chunk to copy into expects the caller to finish that copy
+//! before the next `commit` (the commit's leading flush makes it durable first).  When the
+//! transaction is full, operations return `Error::TxFull` without changing anything: commit
+//! and retry.  An I/O error or corruption found in the middle of an operation poisons the
+//! store: nothing more is committed, and reopening replays the last committed state.
+
+pub mod cache;
+pub mod format;
+pub mod superblock;
+
+use crate::btree::{self, Exception, NodeStore, Root};
+use crate::journal::{self, Journal, ReplayReport};
+use cache::{Cache, CacheMem};
+use format::*;
+use superblock::*;
+
+/// Most dirty blocks one operation can add (splits up a full-depth tree, bitmaps, superblock).
+const OP_MAX_DIRTY: usize = 2 * MAX_DEPTH + 8;
+/// Data chunks freed in one transaction (they may not be reused before it commits).
+const PENDING_MAX: usize = 1024;
+
+/// What an origin write to a chunk requires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OriginWrite {
+    /// No live snapshot shares the chunk with the origin: write straight through.
+    NoCopy,
+    /// Copy the origin chunk to this COW chunk, commit, then write.
+    Copy(u64),
+    /// The COW device is full: these snapshot slots were invalidated instead.
+    Invalidated(u64),
+}
+
+/// Where a snapshot's data for a chunk comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The origin chunk (still shared with the origin).
+    Origin,
+    /// A COW chunk.
+    Cow(u64),
+}
+
+/// What a snapshot write to a chunk requires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapWrite {
+    /// The snapshot owns this COW chunk alone: write in place.
+    InPlace(u64),
+    /// Copy `from` into COW chunk `to` (unless the write covers the whole chunk), then write
+    /// there; commit before acknowledging.
+    Copy {
+        /// Current content.
+        from: Source,
+        /// The snapshot's new private chunk.
+        to: u64,
+    },
+}
+
+/// Parameters for `format`.
+#[derive(Debug, Clone, Copy)]
+pub struct FormatParams {
+    /// Chunk size in sectors (power of two, 8..=2048).
+    pub chunk_sectors: u32,
+    /// Random, non-zero store id.
+    pub store_id: u64,
+    /// User-visible uuid.
+    pub uuid: [u8; 16],
+    /// Metadata area size in blocks (0: default).
+    pub meta_blocks: u64,
+}
+
+/// Space and state summary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    /// Data chunks in use.
+    pub data_used: u64,
+    /// Data chunks in all.
+    pub data_total: u64,
+    /// Metadata blocks in use.
+    pub meta_used: u64,
+    /// Metadata blocks in all.
+    pub meta_total: u64,
+}
+
+/// Which allocation area.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Area {
+    /// Metadata blocks.
+    Meta,
+    /// Data chunks.
+    Data,
+}
+
+/// An open store.
+pub struct Store<D: BlockIo, M: CacheMem> {
+    io: D,
+    cache: Cache<M>,
+    sb: Super,
+    sb_dirty: bool,
+    journal: Journal,
+    scratch: Block,
+    poisoned: Option<Error>,
+    pending: [u64; PENDING_MAX],
+    npending: usize,
+    hint: [u64; 2],
+    /// What the journal replay at open found.
+    pub replay: ReplayReport,
+}
+
+fn account(snaps: &mut [SnapSlot; MAX_SNAPSHOTS], old: u64, new: u64) {
+    if old.count_ones() == 1 {
+        let s = &mut snaps[old.trailing_zeros() as usize];
+        s.owned = s.owned.saturating_sub(1);
+    }
+    if new.count_ones() == 1 {
+        snaps[new.trailing_zeros() as usize].owned += 1;
+    }
+}
+
+/// Writes a fresh store on `io`.
+pub fn format(io: &mut impl BlockIo, p: &FormatParams, scratch: &mut Block) -> Result<Super> {
+    if p.store_id == 0 {
+        return Err(Error::Invalid("store id must not be 0"));
+    }
+    let l = Layout::compute(io.size_blocks(), p.chunk_sectors, p.meta_blocks)?;
+    // Bitmaps: all clear but the root leaf (first metadata block).
+    for (start, n) in [(l.meta_bitmap_start, l.meta_bitmap_blocks), (l.data_bitmap_start, l.data_bitmap_blocks)] {
+        for i in 0..n {
+            scratch.fill(0);
+            init_header(scratch, BlockType::Bitmap, start + i, p.store_id);
+            if start == l.meta_bitmap_start && i == 0 {
+                scratch[HEADER_SIZE] = 1;
+            }
+            seal(io, scratch);
+            io.write_block(start + i, scratch)?;
+        }
+    }
+    scratch.fill(0);
+    init_header(scratch, BlockType::Leaf, l.meta_start, p.store_id);
+    btree::init_node(scratch, 0);
+    seal(io, scratch);
+    io.write_block(l.meta_start, scratch)?;
+    // Invalidate whatever journal was there before.
+    scratch.fill(0);
+    for i in 0..l.journal_blocks {
+        io.write_block(l.journal_start + i, scratch)?;
+    }
+    for nr in [1, 2] {
+        JournalHeader { off: 0, seq: 1 }.encode(io, p.store_id, nr, scratch);
+        io.write_block(nr, scratch)?;
+    }
+    let sb = Super {
+        store_id: p.store_id,
+        uuid: p.uuid,
+        flags: 0,
+        layout: l,
+        meta_used: 1,
+        data_used: 0,
+        root: Root { block: l.meta_start, depth: 1 },
+        delete_cursor: 0,
+        next_seq: 1,
+        snaps: [SnapSlot::default(); MAX_SNAPSHOTS],
+    };
+    sb.encode(scratch, STATE_BLOCK);
+    seal(io, scratch);
+    io.write_block(STATE_BLOCK, scratch)?;
+    io.flush()?;
+    // The superblock last: until it is durable the device is not a store.
+    sb.encode(scratch, 0);
+    seal(io, scratch);
+    io.write_block(0, scratch)?;
+    io.flush()?;
+    Ok(sb)
+}
+
+impl<D: BlockIo, M: CacheMem> Store<D, M> {
+    /// Opens a store: validates the superblock, replays the journal, marks the store dirty.
+    pub fn open(mut io: D, mem: M) -> Result<Self> {
+        let mut cache = Cache::new(mem)?;
+        let mut scratch = [0u8; BLOCK_SIZE];
+        let mut b2 = [0u8; BLOCK_SIZE];
+        io.read_block(0, &mut scratch)?;
+        let sb0 = Super::decode(&io, &scratch, 0, io.size_blocks())?;
+        let (journal, replay) = journal::replay(&mut io, &sb0.layout, sb0.store_id, &mut scratch, &mut b2)?;
+        io.read_block(STATE_BLOCK, &mut scratch)?;
+        let sb = Super::decode(&io, &scratch, STATE_BLOCK, io.size_blocks())?;
+        if sb.store_id != sb0.store_id || sb.layout != sb0.layout {
+            return Err(Error::Corrupt { block: 0, what: "journal replay changed the store layout" });
+        }
+        cache.drop_clean();
+        let mut s = Store {
+            io,
+            cache,
+            sb,
+            sb_dirty: false,
+            journal,
+            scratch,
+            poisoned: None,
+            pending: [0; PENDING_MAX],
+            npending: 0,
+            hint: [0; 2],
+            replay,
+        };
+        s.sb.flags |= SB_DIRTY;
+        s.sb_dirty = true;
+        s.commit()?;
+        Ok(s)
+    }
+
+    /// Commits, marks the store clean, and checkpoints.  Returns the I/O object and memory.
+    pub fn close(mut self) -> Result<(D, M)> {
+        self.commit()?;
+        self.sb.flags &= !SB_DIRTY;
+        self.sb_dirty = true;
+        self.commit()?;
+        journal::checkpoint(&mut self.io, &mut self.journal, self.sb.store_id, &mut self.scratch)?;
+        Ok((self.io, self.cache.into_mem()))
+    }
+
+    /// Gives back the I/O object and memory without committing (simulated crash).
+    pub fn abandon(self) -> (D, M) {
+        (self.io, self.cache.into_mem())
+    }
+
+    /// The superblock as it stands in memory (committed or not).
+    pub fn sb(&self) -> &Super {
+        &self.sb
+    }
+
+    /// The I/O object.
+    pub fn io(&mut self) -> &mut D {
+        &mut self.io
+    }
+
+    /// The journal state.
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    /// Metadata blocks read from disk so far.
+    pub fn cache_reads(&self) -> u64 {
+        self.cache.reads
+    }
+
+    /// Set after an error that left memory inconsistent with disk.
+    pub fn poisoned(&self) -> Option<Error> {
+        self.poisoned
+    }
+
+    /// Space summary.
+    pub fn usage(&self) -> Usage {
+        Usage {
+            data_used: self.sb.data_used,
+            data_total: self.sb.layout.data_chunks,
+            meta_used: self.sb.meta_used,
+            meta_total: self.sb.layout.meta_blocks,
+        }
+    }
+
+    /// Whether there is uncommitted state.
+    pub fn is_dirty(&self) -> bool {
+        self.sb_dirty || self.cache.ndirty() > 0
+    }
+
+    /// Whether the transaction is too full for another operation.
+    pub fn needs_commit(&self) -> bool {
+        let limit = MAX_TX_BLOCKS.min(self.cache.capacity() / 2);
+        self.cache.ndirty() + OP_MAX_DIRTY + 1 > limit || self.npending + btree::LEAF_CAP > PENDING_MAX
+    }
+
+    fn check_usable(&self) -> Result<()> {
+        if let Some(e) = self.poisoned {
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn begin(&mut self) -> Result<()> {
+        self.check_usable()?;
+        if self.needs_commit() {
+            return Err(Error::TxFull);
+        }
+        self.cache.begin_op();
+        Ok(())
+    }
+
+    /// Runs a mutation; errors that can leave memory half-updated poison the store.
+    fn guard<T>(&mut self, r: Result<T>) -> Result<T> {
+        if let Err(e) = r {
+            if matches!(e, Error::Io { .. } | Error::Corrupt { .. } | Error::CacheFull) {
+                self.poisoned = Some(e);
+            }
+        }
+        r
+    }
+
+    /// Commits the current transaction through the journal.
+    pub fn commit(&mut self) -> Result<()> {
+        self.check_usable()?;
+        if self.sb_dirty {
+            self.cache.begin_op();
+            let r = self.cache.get_new(STATE_BLOCK);
+            let slot = self.guard(r)?;
+            let sb = self.sb;
+            sb.encode(self.cache.data_mut(slot), STATE_BLOCK);
+        }
+        let r = journal::commit(&mut self.io, &mut self.cache, &mut self.journal, self.sb.store_id, &mut self.scratch);
+        self.guard(r)?;
+        self.sb_dirty = false;
+        self.npending = 0;
+        Ok(())
+    }
+
+    // ---- allocation ----------------------------------------------------------------------
+
+    fn bitmap_block(&mut self, area: Area, i: u64) -> Result<usize> {
+        let l = &self.sb.layout;
+        let blk = match area {
+            Area::Meta => l.meta_bitmap_start,
+            Area::Data => l.data_bitmap_start,
+        } + i / BITS_PER_BITMAP;
+        let (slot, fresh) = self.cache.get(&mut self.io, blk, false)?;
+        if fresh {
+            if let Err(e) = check_header(&self.io, self.cache.data(slot), BlockType::Bitmap, blk, self.sb.store_id) {
+                self.cache.discard(slot);
+                return Err(e);
+            }
+        }
+        Ok(slot)
+    }
+
+    fn area_size(&self, area: Area) -> u64 {
+        match area {
+            Area::Meta => self.sb.layout.meta_blocks,
+            Area::Data => self.sb.layout.data_chunks,
+        }
+    }
+
+    fn used(&mut self, area: Area) -> &mut u64 {
+        match area {
+            Area::Meta => &mut self.sb.meta_used,
+            Area::Data => &mut self.sb.data_used,
+        }
+    }
+
+    /// Whether bit `i` of `area` is set (allocated).
+    pub fn is_allocated(&mut self, area: Area, i: u64) -> Result<bool> {
+        let slot = self.bitmap_block(area, i)?;
+        let bit = i % BITS_PER_BITMAP;
+        Ok(self.cache.data(slot)[HEADER_SIZE + (bit / 8) as usize] & (1 << (bit % 8)) != 0)
+    }
+
+    fn alloc(&mut self, area: Area) -> Result<u64> {
+        let total = self.area_size(area);
+        let full = match area {
+            Area::Meta => Error::NoMetaSpace,
+            Area::Data => Error::NoDataSpace,
+        };
+        if *self.used(area) + if area == Area::Data { self.npending as u64 } else { 0 } >= total {
+            return Err(full);
+        }
+        let ai = area as usize;
+        let mut i = self.hint[ai] % total;
+        let mut scanned = 0u64;
+        while scanned < total + BITS_PER_BITMAP {
+            let slot = self.bitmap_block(area, i)?;
+            let bit = i % BITS_PER_BITMAP;
+            let byte = HEADER_SIZE + (bit / 8) as usize;
+            let v = self.cache.data(slot)[byte];
+            let m = 1u8 << (bit % 8);
+            if v == 0xff && bit % 8 == 0 {
+                let step = 8.min(total - i);
+                scanned += step;
+                i = (i + step) % total;
+                continue;
+            }
+            if v & m == 0 && !(area == Area::Data && self.pending[..self.npending].contains(&i)) {
+                self.cache.data_mut(slot)[byte] |= m;
+                *self.used(area) += 1;
+                self.sb_dirty = true;
+                self.hint[ai] = i + 1;
+                return Ok(i);
+            }
+            scanned += 1;
+            i = (i + 1) % total;
+        }
+        Err(full)
+    }
+
+    fn free(&mut self, area: Area, i: u64) -> Result<()> {
+        if i >= self.area_size(area) {
+            return Err(Error::Corrupt { block: 0, what: "freeing a block outside its area" });
+        }
+        let slot = self.bitmap_block(area, i)?;
+        let bit = i % BITS_PER_BITMAP;
+        let byte = HEADER_SIZE + (bit / 8) as usize;
+        let m = 1u8 << (bit % 8);
+        if self.cache.data(slot)[byte] & m == 0 {
+            return Err(Error::Corrupt { block: self.cache.block_of(slot), what: "double free in allocation bitmap" });
+        }
+        self.cache.data_mut(slot)[byte] &= !m;
+        let u = self.used(area);
+        *u = u.saturating_sub(1);
+        self.sb_dirty = true;
+        if area == Area::Data {
+            if self.npending >= PENDING_MAX {
+                return Err(Error::TxFull);
+            }
+            self.pending[self.npending] = i;
+            self.npending += 1;
+        }
+        Ok(())
+    }
+
+    // ---- lookups -------------------------------------------------------------------------
+
+    /// Calls `f` for every exception of `chunk`.
+    pub fn exceptions_of(&mut self, chunk: u64, nonblocking: bool, mut f: impl FnMut(&Exception)) -> Result<()> {
+        self.check_usable()?;
+        self.cache.begin_op();
+        let root = self.sb.root;
+        let path = btree::find_leaf(self, root, chunk, nonblocking)?;
+        let b = self.cache.data(path.leaf.1);
+        let (s, e) = btree::chunk_range(b, chunk);
+        for i in s..e {
+            f(&btree::leaf_entry(b, i));
+        }
+        Ok(())
+    }
+
+    /// Where snapshot `slot` reads `chunk` from.  `nonblocking`: fail with WouldBlock rather
+    /// than read metadata.
+    pub fn lookup(&mut self, chunk: u64, slot: usize, nonblocking: bool) -> Result<Source> {
+        if slot >= MAX_SNAPSHOTS || self.sb.snaps[slot].flags & SNAP_LIVE == 0 {
+            return Err(Error::NoSuchSnapshot);
+        }
+        if self.sb.snaps[slot].flags & SNAP_INVALID != 0 {
+            return Err(Error::SnapshotInvalid);
+        }
+        let bit = 1u64 << slot;
+        let mut src = Source::Origin;
+        self.exceptions_of(chunk, nonblocking, |e| {
+            if e.share & bit != 0 {
+                src = Source::Cow(e.cow);
+            }
+        })?;
+        Ok(src)
+    }
+
+    /// Bitmap of valid live snapshots that still share `chunk` with the origin.
+    pub fn origin_sharers(&mut self, chunk: u64, nonblocking: bool) -> Result<u64> {
+        let live = self.sb.live_mask() & !self.sb.mask(SNAP_INVALID);
+        if live == 0 {
+            return Ok(0);
+        }
+        let mut copied = 0u64;
+        self.exceptions_of(chunk, nonblocking, |e| copied |= e.share)?;
+        Ok(live & !copied)
+    }
+
+    // ---- mutations -----------------------------------------------------------------------
+
+    fn insert_exception(&mut self, e: Exception) -> Result<()> {
+        let mut root = self.sb.root;
+        let r = btree::insert(self, &mut root, e);
+        if root != self.sb.root {
+            self.sb.root = root;
+            self.sb_dirty = true;
+        }
+        r?;
+        account(&mut self.sb.snaps, 0, e.share);
+        Ok(())
+    }
+
+    /// Sets the share bitmap of exception (chunk, cow); removes it (and frees its chunk) when
+    /// the bitmap becomes empty.
+    fn set_share(&mut self, chunk: u64, cow: u64, share: u64) -> Result<()> {
+        let mut root = self.sb.root;
+        let path = btree::find_leaf(self, root, chunk, false)?;
+        let lslot = path.leaf.1;
+        let (s, e) = btree::chunk_range(self.cache.data(lslot), chunk);
+        let Some(i) = (s..e).find(|&i| btree::leaf_entry(self.cache.data(lslot), i).cow == cow) else {
+            return Err(Error::Invalid("no such exception"));
+        };
+        let old = btree::leaf_entry(self.cache.data(lslot), i).share;
+        account(&mut self.sb.snaps, old, share);
+        if share != 0 {
+            btree::set_leaf_share(self.cache.data_mut(lslot), i, share);
+            return Ok(());
+        }
+        let r = btree::remove_at(self, &mut root, &path, i);
+        if root != self.sb.root {
+            self.sb.root = root;
+            self.sb_dirty = true;
+        }
+        r?;
+        self.free(Area::Data, cow)
+    }
+
+    fn meta_room(&self) -> Result<()> {
+        if self.sb.layout.meta_blocks - self.sb.meta_used < self.sb.root.depth as u64 + 3 {
+            return Err(Error::NoMetaSpace);
+        }
+        Ok(())
+    }
+
+    fn invalidate_mask(&mut self, mask: u64) {
+        for i in 0..MAX_SNAPSHOTS {
+            if mask & (1 << i) != 0 && self.sb.snaps[i].flags & SNAP_LIVE != 0 {
+                self.sb.snaps[i].flags |= SNAP_INVALID;
+                self.sb_dirty = true;
+            }
+        }
+    }
+
+    /// Marks snapshots invalid (for example after an I/O error on their data).
+    pub fn invalidate(&mut self, mask: u64) -> Result<()> {
+        self.check_usable()?;
+        self.invalidate_mask(mask);
+        Ok(())
+    }
+
+    /// Prepares an origin write to `chunk`: records one exception for every snapshot still
+    /// sharing the chunk, whatever their number.
+    pub fn origin_write(&mut self, chunk: u64) -> Result<OriginWrite> {
+        self.begin()?;
+        let sharers = self.origin_sharers(chunk, false);
+        let sharers = self.guard(sharers)?;
+        if sharers == 0 {
+            return Ok(OriginWrite::NoCopy);
+        }
+        self.meta_room()?;
+        let cow = match self.alloc(Area::Data) {
+            Ok(c) => c,
+            Err(Error::NoDataSpace) => {
+                self.invalidate_mask(sharers);
+                return Ok(OriginWrite::Invalidated(sharers));
+            }
+            Err(e) => return self.guard(Err(e)),
+        };
+        let r = self.insert_exception(Exception { chunk, cow, share: sharers });
+        self.guard(r)?;
+        Ok(OriginWrite::Copy(cow))
+    }
+
+    /// Prepares a write by snapshot `slot` to `chunk`.
+    pub fn snapshot_write(&mut self, chunk: u64, slot: usize) -> Result<SnapWrite> {
+        self.begin()?;
+        let src = self.lookup(chunk, slot, false);
+        let src = self.guard(src)?;
+        let bit = 1u64 << slot;
+        let mut share = 0;
+        if let Source::Cow(c) = src {
+            self.exceptions_of(chunk, false, |e| {
+                if e.cow == c {
+                    share = e.share;
+                }
+            })?;
+            if share == bit {
+                return Ok(SnapWrite::InPlace(c));
+            }
+        }
+        self.meta_room()?;
+        let to = match self.alloc(Area::Data) {
+            Ok(c) => c,
+            Err(Error::NoDataSpace) => {
+                self.invalidate_mask(bit);
+                return Err(Error::NoDataSpace);
+            }
+            Err(e) => return self.guard(Err(e)),
+        };
+        let r = (|| {
+            if let Source::Cow(c) = src {
+                self.set_share(chunk, c, share & !bit)?;
+            }
+            self.insert_exception(Exception { chunk, cow: to, share: bit })
+        })();
+        self.guard(r)?;
+        Ok(SnapWrite::Copy { from: src, to })
+    }
+
+    /// Creates snapshot `id` of the origin as it is now; returns its slot.
+    pub fn create_snapshot(&mut self, id: u32) -> Result<usize> {
+        self.begin()?;
+        if self.sb.slot_of(id).is_some() {
+            return Err(Error::DuplicateId);
+        }
+        let Some(slot) = self.sb.snaps.iter().position(|s| s.flags == 0) else {
+            return Err(Error::TooManySnapshots);
+        };
+        self.sb.snaps[slot] = SnapSlot { id, flags: SNAP_LIVE, create_seq: self.sb.next_seq, owned: 0 };
+        self.sb.next_seq += 1;
+        self.sb_dirty = true;
+        Ok(slot)
+    }
+
+    /// Deletes snapshot `id`: it disappears at once; its exceptions are released by
+    /// `delete_step`.
+    pub fn delete_snapshot(&mut self, id: u32) -> Result<()> {
+        self.begin()?;
+        let Some(slot) = self.sb.slot_of(id) else {
+            return Err(Error::NoSuchSnapshot);
+        };
+        self.sb.snaps[slot].flags = SNAP_DELETING;
+        self.sb.delete_cursor = 0;
+        self.sb_dirty = true;
+        Ok(())
+    }
+
+    /// Whether deleted snapshots still have exceptions to release.
+    pub fn delete_pending(&self) -> bool {
+        self.sb.mask(SNAP_DELETING) != 0
+    }
+
+    /// Releases deleted snapshots' exceptions, at most `max_leaves` leaves per call.
+    /// Returns true while work remains (commit between calls when `needs_commit`).
+    pub fn delete_step(&mut self, max_leaves: usize) -> Result<bool> {
+        let gone = self.sb.mask(SNAP_DELETING);
+        if gone == 0 {
+            return Ok(false);
+        }
+        for _ in 0..max_leaves {
+            match self.begin() {
+                Err(Error::TxFull) => return Ok(true),
+                r => r?,
+            }
+            let r = self.delete_leaf(gone);
+            if !self.guard(r)? {
+                for s in self.sb.snaps.iter_mut() {
+                    if s.flags & SNAP_DELETING != 0 {
+                        *s = SnapSlot::default();
+                    }
+                }
+                self.sb.delete_cursor = 0;
+                self.sb_dirty = true;
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    fn delete_leaf(&mut self, gone: u64) -> Result<bool> {
+        let cursor = self.sb.delete_cursor;
+        let mut root = self.sb.root;
+        let path = btree::find_leaf(self, root, cursor, false)?;
+        let mut freed = [0u64; btree::LEAF_CAP];
+        let mut nfreed = 0;
+        let mut snaps = self.sb.snaps;
+        btree::filter_leaf(self, &mut root, &path, |e| {
+            if e.chunk < cursor || e.share & gone == 0 {
+                return Ok(true);
+            }
+            let new = e.share & !gone;
+            account(&mut snaps, e.share, new);
+            e.share = new;
+            if new == 0 {
+                freed[nfreed] = e.cow;
+                nfreed += 1;
+                return Ok(false);
+            }
+            Ok(true)
+        })?;
+        self.sb.snaps = snaps;
+        if root != self.sb.root {
+            self.sb.root = root;
+        }
+        for &c in &freed[..nfreed] {
+            self.free(Area::Data, c)?;
+        }
+        self.sb_dirty = true;
+        match path.upper {
+            Some(u) => {
+                self.sb.delete_cursor = u;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+}
+
+impl<D: BlockIo, M: CacheMem> NodeStore for Store<D, M> {
+    fn node(&mut self, block: u64, level: u16, nonblocking: bool) -> Result<usize> {
+        let l = self.sb.layout;
+        if !l.is_meta(block) {
+            return Err(Error::Corrupt { block, what: "btree pointer outside the metadata area" });
+        }
+        let (slot, fresh) = self.cache.get(&mut self.io, block, nonblocking)?;
+        if fresh {
+            let b = self.cache.data(slot);
+            let r = check_header(&self.io, b, btree::node_type(level), block, self.sb.store_id).and_then(|_| {
+                btree::validate_node(b, block, level, |c| l.is_meta(c), |c| c < l.data_chunks)
+            });
+            if let Err(e) = r {
+                self.cache.discard(slot);
+                return Err(e);
+            }
+        } else if btree::level(self.cache.data(slot)) != level
+            || format::header_type(self.cache.data(slot)) != btree::node_type(level).tag()
+        {
+            return Err(Error::Corrupt { block, what: "btree node reached at the wrong level" });
+        }
+        Ok(slot)
+    }
+
+    fn nb(&self, slot: usize) -> &Block {
+        self.cache.data(slot)
+    }
+
+    fn nb_mut(&mut self, slot: usize) -> &mut Block {
+        self.cache.data_mut(slot)
+    }
+
+    fn nb_mut2(&mut self, a: usize, b: usize) -> (&mut Block, &mut Block) {
+        self.cache.data_mut2(a, b)
+    }
+
+    fn alloc_node(&mut self, level: u16) -> Result<(u64, usize)> {
+        let i = self.alloc(Area::Meta)?;
+        let blk = self.sb.layout.meta_start + i;
+        let slot = self.cache.get_new(blk)?;
+        let b = self.cache.data_mut(slot);
+        init_header(b, btree::node_type(level), blk, self.sb.store_id);
+        btree::init_node(b, level);
+        Ok((blk, slot))
+    }
+
+    fn free_node(&mut self, block: u64) -> Result<()> {
+        let i = block - self.sb.layout.meta_start;
+        self.free(Area::Meta, i)
+    }
+
+    fn meta_free(&self) -> u64 {
+        self.sb.layout.meta_blocks - self.sb.meta_used
+    }
+}

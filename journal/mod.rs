@@ -1,0 +1,209 @@
+//! The metadata journal: a circular log of physical block images.
+//!
+//! A transaction is one descriptor block followed by the images of every dirty metadata block.
+//! The descriptor carries the transaction's sequence number, the home block and the crc32c of
+//! each image; all of them, and the descriptor's own checksum, must match for the transaction
+//! to be replayed, so a torn transaction is simply not there.  Commit order:
+//!
+//! 1. flush (COW data copied for this transaction is durable before anything names it),
+//! 2. write descriptor + images, flush (the commit point),
+//! 3. write the images home (no flush: the next checkpoint flushes them).
+//!
+//! A checkpoint (when the log is about to wrap over itself) flushes the home writes and moves
+//! the journal header (block 1) to the current offset.  Replay starts at the header and applies
+//! transactions with consecutive sequence numbers until one is missing or incomplete.
+
+use crate::exception_store::cache::{Cache, CacheMem};
+use crate::exception_store::format::*;
+use crate::exception_store::superblock::{JournalHeader, Layout, MAX_TX_BLOCKS};
+
+const D_SEQ: usize = 32;
+const D_COUNT: usize = 40;
+const D_ENTRIES: usize = 48;
+const D_ENTRY: usize = 16;
+
+// The descriptor must describe the largest transaction.
+const _: () = assert!(D_ENTRIES + MAX_TX_BLOCKS * D_ENTRY <= BLOCK_SIZE);
+
+/// The live state of the journal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Journal {
+    /// First journal block.
+    pub start: u64,
+    /// Journal length in blocks.
+    pub size: u64,
+    /// Offset where the next transaction goes (monotonic).
+    pub off: u64,
+    /// Sequence number of the next transaction.
+    pub seq: u64,
+    /// Offset recorded in the journal header (the oldest transaction replay would read).
+    pub tail: u64,
+    /// Transactions committed by this instance.
+    pub commits: u64,
+    /// Journal header copy (1 or 2) the next checkpoint writes.
+    pub next_header: u64,
+}
+
+impl Journal {
+    fn loc(&self, off: u64) -> u64 {
+        self.start + off % self.size
+    }
+}
+
+/// Makes home writes durable and moves the replay start to the current offset.
+pub fn checkpoint(io: &mut impl BlockIo, j: &mut Journal, store_id: u64, scratch: &mut Block) -> Result<()> {
+    io.flush()?;
+    JournalHeader { off: j.off, seq: j.seq }.encode(io, store_id, j.next_header, scratch);
+    io.write_block(j.next_header, scratch)?;
+    io.flush()?;
+    j.next_header = 3 - j.next_header;
+    j.tail = j.off;
+    Ok(())
+}
+
+/// Commits every dirty block of `cache` as one transaction.
+pub fn commit<M: CacheMem>(io: &mut impl BlockIo, cache: &mut Cache<M>, j: &mut Journal, store_id: u64, desc: &mut Block) -> Result<()> {
+    let n = cache.ndirty();
+    if n == 0 {
+        return Ok(());
+    }
+    if n > MAX_TX_BLOCKS {
+        return Err(Error::Invalid("transaction larger than the journal descriptor"));
+    }
+    if j.size - (j.off - j.tail) < n as u64 + 1 {
+        checkpoint(io, j, store_id, desc)?;
+    }
+    desc.fill(0);
+    let dloc = j.loc(j.off);
+    init_header(desc, BlockType::JournalDesc, dloc, store_id);
+    put64(desc, D_SEQ, j.seq);
+    put32(desc, D_COUNT, n as u32);
+    let mut i = 0usize;
+    cache.for_each_dirty(|c, slot| {
+        let home = c.block_of(slot);
+        let b = c.raw_mut(slot);
+        seal(io, b);
+        let crc = block_crc(io, b);
+        put64(desc, D_ENTRIES + i * D_ENTRY, home);
+        put32(desc, D_ENTRIES + i * D_ENTRY + 8, crc);
+        i += 1;
+        Ok(())
+    })?;
+    seal(io, desc);
+    io.flush()?;
+    io.write_block(dloc, desc)?;
+    let mut k = 0u64;
+    let off = j.off;
+    cache.for_each_dirty(|c, slot| {
+        k += 1;
+        io.write_block(j.loc(off + k), c.data(slot))
+    })?;
+    io.flush()?;
+    cache.for_each_dirty(|c, slot| io.write_block(c.block_of(slot), c.data(slot)))?;
+    cache.mark_all_clean();
+    j.off += n as u64 + 1;
+    j.seq += 1;
+    j.commits += 1;
+    Ok(())
+}
+
+/// What a replay found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplayReport {
+    /// Transactions applied.
+    pub applied: u64,
+    /// Blocks written home.
+    pub blocks: u64,
+    /// A transaction at the end was incomplete (torn by a crash) and was dropped.
+    pub torn_tail: bool,
+}
+
+enum TxCheck {
+    End,
+    Torn,
+    Valid(u32),
+}
+
+fn check_tx(io: &mut impl BlockIo, j: &Journal, l: &Layout, store_id: u64, off: u64, seq: u64, d: &mut Block, b: &mut Block) -> Result<TxCheck> {
+    let dloc = j.loc(off);
+    io.read_block(dloc, d)?;
+    if check_header(io, d, BlockType::JournalDesc, dloc, store_id).is_err() || get64(d, D_SEQ) != seq {
+        return Ok(TxCheck::End);
+    }
+    let n = get32(d, D_COUNT);
+    if n == 0 || n as usize > MAX_TX_BLOCKS {
+        return Err(Error::Corrupt { block: dloc, what: "journal descriptor count out of range" });
+    }
+    for i in 0..n as u64 {
+        let e = D_ENTRIES + i as usize * D_ENTRY;
+        let home = get64(d, e);
+        if !l.is_journalable(home) {
+            return Err(Error::Corrupt { block: dloc, what: "journal descriptor names a block outside metadata" });
+        }
+        io.read_block(j.loc(off + 1 + i), b)?;
+        if block_crc(io, b) != get32(d, e + 8) || header_blocknr(b) != home {
+            return Ok(TxCheck::Torn);
+        }
+    }
+    Ok(TxCheck::Valid(n))
+}
+
+/// Replays the journal from the header's position; returns the journal state to continue
+/// from (the header has been moved past what was replayed).
+pub fn replay(io: &mut impl BlockIo, l: &Layout, store_id: u64, d: &mut Block, b: &mut Block) -> Result<(Journal, ReplayReport)> {
+    let mut best: Option<(JournalHeader, u64)> = None;
+    for nr in [1u64, 2] {
+        io.read_block(nr, d)?;
+        if let Ok(h) = JournalHeader::decode(io, d, nr, store_id) {
+            if best.map_or(true, |(b, _)| (h.seq, h.off) > (b.seq, b.off)) {
+                best = Some((h, nr));
+            }
+        }
+    }
+    let Some((jh, newest)) = best else {
+        return Err(Error::Corrupt { block: 1, what: "both journal headers are damaged" });
+    };
+    let mut j = Journal {
+        start: l.journal_start,
+        size: l.journal_blocks,
+        off: jh.off,
+        seq: jh.seq,
+        tail: jh.off,
+        commits: 0,
+        next_header: 3 - newest,
+    };
+    let mut rep = ReplayReport::default();
+    let mut scanned = 0u64;
+    while scanned < j.size {
+        match check_tx(io, &j, l, store_id, j.off, j.seq, d, b)? {
+            TxCheck::End => break,
+            TxCheck::Torn => {
+                // A torn transaction must be the last one: if a complete successor follows,
+                // a journal block was damaged, and stopping here would lose committed data.
+                let n = get32(d, D_COUNT) as u64;
+                if let TxCheck::Valid(_) = check_tx(io, &j, l, store_id, j.off + n + 1, j.seq + 1, d, b)? {
+                    return Err(Error::Corrupt { block: j.loc(j.off), what: "journal damaged before a later committed transaction" });
+                }
+                rep.torn_tail = true;
+                break;
+            }
+            TxCheck::Valid(n) => {
+                // d still holds this descriptor: apply the images.
+                for i in 0..n as u64 {
+                    let home = get64(d, D_ENTRIES + i as usize * D_ENTRY);
+                    io.read_block(j.loc(j.off + 1 + i), b)?;
+                    io.write_block(home, b)?;
+                    rep.blocks += 1;
+                }
+                j.off += n as u64 + 1;
+                j.seq += 1;
+                scanned += n as u64 + 1;
+                rep.applied += 1;
+            }
+        }
+    }
+    // Skip a sequence number so that a stale, torn descriptor can never match again.
+    j.seq += 1;
+    checkpoint(io, &mut j, store_id, d)?;
+    Ok((j, rep))
+}

@@ -1,0 +1,20 @@
+//! Userspace build of the dm-shared-snap core: the very files the kernel module compiles
+//! (`btree/`, `journal/`, `exception_store/`), plus std-only helpers for the tools and tests.
+#![no_std]
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+#[cfg(feature = "std")]
+extern crate std;
+
+pub mod btree;
+pub mod exception_store;
+pub mod journal;
+
+#[cfg(feature = "std")]
+#[path = "tools/host.rs"]
+pub mod host;
+
+#[cfg(feature = "std")]
+#[path = "tools/check.rs"]
+pub mod check;

@@ -1,0 +1,312 @@
+//! Offline reading of a COW device: consistency check, dump and delta.  Independent of
+//! `Store` (it walks the blocks itself) so that it can judge what the store wrote.
+
+use crate::btree::{self, Exception};
+use crate::exception_store::format::*;
+use crate::exception_store::superblock::*;
+use crate::journal;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::format;
+use std::string::String;
+use std::vec::Vec;
+
+/// A device seen through a write overlay, so that journal replay never modifies the source.
+pub struct Overlay<D: BlockIo> {
+    /// The device underneath.
+    pub inner: D,
+    writes: HashMap<u64, Block>,
+}
+
+impl<D: BlockIo> Overlay<D> {
+    /// Wraps a device.
+    pub fn new(inner: D) -> Self {
+        Overlay { inner, writes: HashMap::new() }
+    }
+}
+
+impl<D: BlockIo> BlockIo for Overlay<D> {
+    fn read_block(&mut self, nr: u64, buf: &mut Block) -> Result<()> {
+        match self.writes.get(&nr) {
+            Some(b) => {
+                buf.copy_from_slice(b);
+                Ok(())
+            }
+            None => self.inner.read_block(nr, buf),
+        }
+    }
+    fn write_block(&mut self, nr: u64, buf: &Block) -> Result<()> {
+        self.writes.insert(nr, *buf);
+        Ok(())
+    }
+    fn flush(&mut self) -> Result<()> {
+        Ok(())
+    }
+    fn size_blocks(&self) -> u64 {
+        self.inner.size_blocks()
+    }
+    fn crc32c(&self, data: &[u8]) -> u32 {
+        self.inner.crc32c(data)
+    }
+}
+
+/// A snapshot as the superblock records it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapInfo {
+    /// Slot (bit) number.
+    pub slot: usize,
+    /// User id.
+    pub id: u32,
+    /// "live", "invalid" or "deleting".
+    pub state: &'static str,
+    /// Creation sequence.
+    pub create_seq: u64,
+    /// Exceptions owned alone.
+    pub owned: u64,
+}
+
+/// The result of reading a store.
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    /// Problems found; empty means clean.
+    pub errors: Vec<String>,
+    /// Journal transactions that replay applied (in the overlay).
+    pub replayed: u64,
+    /// Btree depth.
+    pub depth: u32,
+    /// Btree nodes visited.
+    pub nodes: u64,
+    /// Exceptions.
+    pub exceptions: u64,
+    /// Chunk size in sectors.
+    pub chunk_sectors: u32,
+    /// Data chunks used / total.
+    pub data_used: u64,
+    /// Data chunks in all.
+    pub data_total: u64,
+    /// Metadata blocks used.
+    pub meta_used: u64,
+    /// Metadata blocks in all.
+    pub meta_total: u64,
+    /// Whether the store was closed cleanly.
+    pub clean: bool,
+    /// Snapshots.
+    pub snapshots: Vec<SnapInfo>,
+}
+
+/// Every exception of a store, by chunk.
+pub type ExceptionMap = BTreeMap<u64, Vec<Exception>>;
+
+fn err(r: &mut Report, s: String) {
+    if r.errors.len() < 1000 {
+        r.errors.push(s);
+    }
+}
+
+/// Reads (replaying the journal into an overlay) and checks a store.  Returns the report and,
+/// when the tree could be read, all exceptions.
+pub fn check<D: BlockIo>(dev: D) -> (Report, Option<(Super, ExceptionMap)>) {
+    let mut r = Report::default();
+    let mut io = Overlay::new(dev);
+    let mut b = [0u8; BLOCK_SIZE];
+    let mut b2 = [0u8; BLOCK_SIZE];
+    let dev_blocks = io.size_blocks();
+    if let Err(e) = io.read_block(0, &mut b) {
+        err(&mut r, format!("superblock: {}", e));
+        return (r, None);
+    }
+    let sb0 = match Super::decode(&io, &b, 0, dev_blocks) {
+        Ok(s) => s,
+        Err(e) => {
+            err(&mut r, format!("superblock: {}", e));
+            return (r, None);
+        }
+    };
+    match journal::replay(&mut io, &sb0.layout, sb0.store_id, &mut b, &mut b2) {
+        Ok((_, rep)) => r.replayed = rep.applied,
+        Err(e) => {
+            err(&mut r, format!("journal: {}", e));
+            return (r, None);
+        }
+    }
+    if io.read_block(STATE_BLOCK, &mut b).is_err() {
+        err(&mut r, "state block unreadable".into());
+        return (r, None);
+    }
+    let sb = match Super::decode(&io, &b, STATE_BLOCK, dev_blocks) {
+        Ok(s) if s.store_id != sb0.store_id || s.layout != sb0.layout => {
+            err(&mut r, "state block disagrees with the superblock on identity or layout".into());
+            return (r, None);
+        }
+        Ok(s) => s,
+        Err(e) => {
+            err(&mut r, format!("state block after journal replay: {}", e));
+            return (r, None);
+        }
+    };
+    let l = sb.layout;
+    r.depth = sb.root.depth;
+    r.chunk_sectors = l.chunk_sectors;
+    r.data_used = sb.data_used;
+    r.data_total = l.data_chunks;
+    r.meta_used = sb.meta_used;
+    r.meta_total = l.meta_blocks;
+    r.clean = sb.flags & SB_DIRTY == 0 && r.replayed == 0;
+    for (i, s) in sb.snaps.iter().enumerate() {
+        if s.flags != 0 {
+            let state = if s.flags & SNAP_DELETING != 0 {
+                "deleting"
+            } else if s.flags & SNAP_INVALID != 0 {
+                "invalid"
+            } else {
+                "live"
+            };
+            r.snapshots.push(SnapInfo { slot: i, id: s.id, state, create_seq: s.create_seq, owned: s.owned });
+        }
+    }
+    // Walk the tree: (block, level, low key, high key (exclusive, None = unbounded)).
+    let mut map = ExceptionMap::new();
+    let mut meta_refs: HashSet<u64> = HashSet::new();
+    let mut data_refs: HashSet<u64> = HashSet::new();
+    let mut stack = std::vec![(sb.root.block, (sb.root.depth - 1) as u16, 0u64, None::<u64>)];
+    let named = sb.live_mask() | sb.mask(SNAP_DELETING);
+    let mut owned = [0u64; MAX_SNAPSHOTS];
+    let mut tree_ok = true;
+    while let Some((blk, level, lo, hi)) = stack.pop() {
+        r.nodes += 1;
+        if !l.is_meta(blk) {
+            err(&mut r, format!("block {}: btree pointer outside the metadata area", blk));
+            tree_ok = false;
+            continue;
+        }
+        if !meta_refs.insert(blk) {
+            err(&mut r, format!("block {}: btree node referenced twice", blk));
+            tree_ok = false;
+            continue;
+        }
+        if io.read_block(blk, &mut b).is_err() {
+            err(&mut r, format!("block {}: unreadable", blk));
+            tree_ok = false;
+            continue;
+        }
+        let v = check_header(&io, &b, btree::node_type(level), blk, sb.store_id)
+            .and_then(|_| btree::validate_node(&b, blk, level, |c| l.is_meta(c), |c| c < l.data_chunks));
+        if let Err(e) = v {
+            err(&mut r, format!("btree node: {}", e));
+            tree_ok = false;
+            continue;
+        }
+        let n = btree::count(&b);
+        let in_range = |k: u64| k >= lo && hi.map_or(true, |h| k < h);
+        if level == 0 {
+            if n == 0 && blk != sb.root.block {
+                err(&mut r, format!("block {}: empty leaf below the root", blk));
+            }
+            for i in 0..n {
+                let e = btree::leaf_entry(&b, i);
+                r.exceptions += 1;
+                if !in_range(e.chunk) {
+                    err(&mut r, format!("block {}: chunk {} outside the key range of its parent", blk, e.chunk));
+                }
+                if e.share & !named != 0 {
+                    err(&mut r, format!("block {}: chunk {} names snapshot slots {:#x} that are not live", blk, e.chunk, e.share & !named));
+                }
+                if !data_refs.insert(e.cow) {
+                    err(&mut r, format!("block {}: COW chunk {} used by two exceptions", blk, e.cow));
+                }
+                if e.share.count_ones() == 1 {
+                    owned[e.share.trailing_zeros() as usize] += 1;
+                }
+                let v = map.entry(e.chunk).or_default();
+                if v.iter().any(|x| x.share & e.share != 0) {
+                    err(&mut r, format!("block {}: chunk {} has overlapping share bitmaps", blk, e.chunk));
+                }
+                v.push(e);
+            }
+        } else {
+            if level as u32 + 1 > sb.root.depth {
+                err(&mut r, format!("block {}: level above the root", blk));
+            }
+            if blk == sb.root.block && n < 2 && sb.root.depth > 1 {
+                err(&mut r, format!("block {}: internal root with a single child", blk));
+            }
+            for i in 0..n {
+                let (k, c) = btree::internal_entry(&b, i);
+                if i > 0 && !in_range(k) {
+                    err(&mut r, format!("block {}: key {} outside the parent's range", blk, k));
+                }
+                let clo = if i == 0 { lo } else { k };
+                let chi = if i + 1 < n { Some(btree::internal_entry(&b, i + 1).0) } else { hi };
+                stack.push((c, level - 1, clo, chi));
+            }
+        }
+    }
+    // Space accounting against the bitmaps.
+    if tree_ok {
+        for (name, start, nbits, refs, used, base) in [
+            ("metadata", l.meta_bitmap_start, l.meta_blocks, &meta_refs, sb.meta_used, l.meta_start),
+            ("data", l.data_bitmap_start, l.data_chunks, &data_refs, sb.data_used, 0),
+        ] {
+            let mut set = 0u64;
+            let mut bad = 0u64;
+            let mut cur = u64::MAX;
+            for i in 0..nbits {
+                let blk = start + i / BITS_PER_BITMAP;
+                if blk != cur {
+                    cur = blk;
+                    if io.read_block(blk, &mut b).is_err() {
+                        err(&mut r, format!("block {}: unreadable bitmap", blk));
+                        break;
+                    }
+                    if let Err(e) = check_header(&io, &b, BlockType::Bitmap, blk, sb.store_id) {
+                        err(&mut r, format!("{} bitmap: {}", name, e));
+                        break;
+                    }
+                }
+                let bit = i % BITS_PER_BITMAP;
+                let is_set = b[HEADER_SIZE + (bit / 8) as usize] & (1 << (bit % 8)) != 0;
+                if is_set {
+                    set += 1;
+                }
+                if is_set != refs.contains(&(base + i)) {
+                    bad += 1;
+                    if bad <= 5 {
+                        err(&mut r, format!("{} bitmap: bit {} is {} but the tree {} it", name, i, if is_set { "set" } else { "clear" }, if is_set { "does not reference" } else { "references" }));
+                    }
+                }
+            }
+            if bad > 5 {
+                err(&mut r, format!("{} bitmap: {} mismatches in all", name, bad));
+            }
+            if set != used {
+                err(&mut r, format!("{} space: superblock counts {} used, bitmap has {}", name, used, set));
+            }
+        }
+        for (i, s) in sb.snaps.iter().enumerate() {
+            if s.flags & SNAP_LIVE != 0 && s.owned != owned[i] {
+                err(&mut r, format!("snapshot {} (slot {}): owned count {} but the tree has {}", s.id, i, s.owned, owned[i]));
+            }
+        }
+    }
+    (r, if tree_ok { Some((sb, map)) } else { None })
+}
+
+/// Where `who` (None: the origin; Some(slot)) reads `chunk` from: None = the origin chunk.
+pub fn source(map: &ExceptionMap, chunk: u64, who: Option<usize>) -> Option<u64> {
+    let slot = who?;
+    map.get(&chunk)?.iter().find(|e| e.share & (1 << slot) != 0).map(|e| e.cow)
+}
+
+/// Chunk ranges [start, end) whose content may differ between `a` and `b`.
+pub fn delta(map: &ExceptionMap, a: Option<usize>, b: Option<usize>) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &chunk in map.keys() {
+        if source(map, chunk, a) != source(map, chunk, b) {
+            match out.last_mut() {
+                Some(last) if last.1 == chunk => last.1 = chunk + 1,
+                _ => out.push((chunk, chunk + 1)),
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,219 @@
+//! Userspace implementations of the core's traits: an in-memory device that can simulate
+//! power loss, a file or block device, and Vec-backed cache memory.
+
+use crate::exception_store::cache::{CacheMem, Slot};
+use crate::exception_store::format::{Block, BlockIo, Error, Result, BLOCK_SIZE};
+use std::boxed::Box;
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::vec::Vec;
+
+/// CRC-32C as the on-disk format defines it.
+pub fn crc32c(data: &[u8]) -> u32 {
+    crc32c::crc32c(data)
+}
+
+/// Cache memory from the heap.
+pub struct VecMem {
+    slots: Vec<Slot>,
+    buckets: Vec<u32>,
+}
+
+impl VecMem {
+    /// `n` slots of 4 KiB.
+    pub fn new(n: usize) -> Self {
+        let mut slots = Vec::with_capacity(n);
+        slots.resize_with(n, Slot::new);
+        VecMem { slots, buckets: std::vec![0; (2 * n).next_power_of_two()] }
+    }
+}
+
+impl CacheMem for VecMem {
+    fn slots(&self) -> &[Slot] {
+        &self.slots
+    }
+    fn slots_mut(&mut self) -> &mut [Slot] {
+        &mut self.slots
+    }
+    fn buckets_mut(&mut self) -> &mut [u32] {
+        &mut self.buckets
+    }
+}
+
+/// A write not yet made durable by a flush.
+#[derive(Clone)]
+struct Pending {
+    block: u64,
+    data: Box<Block>,
+}
+
+/// An in-memory block device with volatile write-back semantics: writes become durable at
+/// the next flush; `crash` returns the image a power cut would leave.
+#[derive(Clone)]
+pub struct MemDev {
+    blocks: u64,
+    durable: HashMap<u64, Box<Block>>,
+    volatile: Vec<Pending>,
+    /// Writes issued so far.
+    pub writes: u64,
+    /// Flushes issued so far.
+    pub flushes: u64,
+    /// Fail (as an I/O error) every operation once this many writes have been issued.
+    pub fail_after_writes: Option<u64>,
+}
+
+impl MemDev {
+    /// A zeroed device of `blocks` 4 KiB blocks.
+    pub fn new(blocks: u64) -> Self {
+        MemDev { blocks, durable: HashMap::new(), volatile: Vec::new(), writes: 0, flushes: 0, fail_after_writes: None }
+    }
+
+    fn current(&self, nr: u64) -> Option<&Block> {
+        if let Some(p) = self.volatile.iter().rev().find(|p| p.block == nr) {
+            return Some(&p.data);
+        }
+        self.durable.get(&nr).map(|b| &**b)
+    }
+
+    /// The device after a power cut: durable content plus the unflushed writes that `keep`
+    /// selects (given their index); the write at index `torn` keeps only its first `torn_sectors` sectors.
+    pub fn crash(&self, mut keep: impl FnMut(usize) -> bool, torn: Option<(usize, usize)>) -> MemDev {
+        let mut d = MemDev::new(self.blocks);
+        d.durable = self.durable.clone();
+        for (i, p) in self.volatile.iter().enumerate() {
+            if !keep(i) {
+                continue;
+            }
+            let mut data = p.data.clone();
+            if let Some((t, sectors)) = torn {
+                if t == i {
+                    let old = self.durable.get(&p.block).map(|b| **b).unwrap_or([0; BLOCK_SIZE]);
+                    data[sectors * 512..].copy_from_slice(&old[sectors * 512..]);
+                }
+            }
+            d.durable.insert(p.block, data);
+        }
+        d
+    }
+
+    /// Writes not yet flushed.
+    pub fn unflushed(&self) -> usize {
+        self.volatile.len()
+    }
+
+    /// Flips one bit of a block, durably (for corruption tests).
+    pub fn flip_bit(&mut self, nr: u64, bit: usize) {
+        let mut b = self.current(nr).copied().unwrap_or([0; BLOCK_SIZE]);
+        b[bit / 8] ^= 1 << (bit % 8);
+        self.volatile.retain(|p| p.block != nr);
+        self.durable.insert(nr, Box::new(b));
+    }
+
+    /// Writes a whole block durably, bypassing the volatile stage.
+    pub fn poke(&mut self, nr: u64, b: &Block) {
+        self.volatile.retain(|p| p.block != nr);
+        self.durable.insert(nr, Box::new(*b));
+    }
+
+    /// Reads a block as it currently reads (volatile writes included).
+    pub fn peek(&self, nr: u64) -> Block {
+        self.current(nr).copied().unwrap_or([0; BLOCK_SIZE])
+    }
+
+    fn check_fail(&self) -> Result<()> {
+        match self.fail_after_writes {
+            Some(n) if self.writes >= n => Err(Error::Io { block: u64::MAX }),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl BlockIo for MemDev {
+    fn read_block(&mut self, nr: u64, buf: &mut Block) -> Result<()> {
+        if nr >= self.blocks {
+            return Err(Error::Io { block: nr });
+        }
+        match self.current(nr) {
+            Some(b) => buf.copy_from_slice(b),
+            None => buf.fill(0),
+        }
+        Ok(())
+    }
+
+    fn write_block(&mut self, nr: u64, buf: &Block) -> Result<()> {
+        if nr >= self.blocks {
+            return Err(Error::Io { block: nr });
+        }
+        self.check_fail()?;
+        self.writes += 1;
+        self.volatile.push(Pending { block: nr, data: Box::new(*buf) });
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        self.check_fail()?;
+        self.flushes += 1;
+        for p in self.volatile.drain(..) {
+            self.durable.insert(p.block, p.data);
+        }
+        Ok(())
+    }
+
+    fn size_blocks(&self) -> u64 {
+        self.blocks
+    }
+
+    fn crc32c(&self, data: &[u8]) -> u32 {
+        crc32c(data)
+    }
+}
+
+/// A COW device in a file or block device.
+pub struct FileDev {
+    file: File,
+    blocks: u64,
+}
+
+impl FileDev {
+    /// Opens `path` (read-write unless `readonly`).
+    pub fn open(path: &str, readonly: bool) -> std::io::Result<Self> {
+        let file = std::fs::OpenOptions::new().read(true).write(!readonly).open(path)?;
+        let mut f2 = file.try_clone()?;
+        let size = std::io::Seek::seek(&mut f2, std::io::SeekFrom::End(0))?;
+        Ok(FileDev { file, blocks: size / BLOCK_SIZE as u64 })
+    }
+
+    /// Reads raw bytes.
+    pub fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        self.file.read_exact_at(buf, off)
+    }
+}
+
+impl BlockIo for FileDev {
+    fn read_block(&mut self, nr: u64, buf: &mut Block) -> Result<()> {
+        if nr >= self.blocks {
+            return Err(Error::Io { block: nr });
+        }
+        self.file.read_exact_at(buf, nr * BLOCK_SIZE as u64).map_err(|_| Error::Io { block: nr })
+    }
+
+    fn write_block(&mut self, nr: u64, buf: &Block) -> Result<()> {
+        if nr >= self.blocks {
+            return Err(Error::Io { block: nr });
+        }
+        self.file.write_all_at(buf, nr * BLOCK_SIZE as u64).map_err(|_| Error::Io { block: nr })
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        self.file.sync_data().map_err(|_| Error::Io { block: u64::MAX })
+    }
+
+    fn size_blocks(&self) -> u64 {
+        self.blocks
+    }
+
+    fn crc32c(&self, data: &[u8]) -> u32 {
+        crc32c(data)
+    }
+}
