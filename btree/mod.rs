@@ -386,37 +386,19 @@ pub fn remove_at(ns: &mut impl NodeStore, root: &mut Root, path: &Path, idx: usi
     Ok(())
 }
 
-/// Removes every entry of the leaf on `path` for which `keep` returns false, rewriting the
-/// shares `keep` changes; prunes the leaf if it becomes empty.
-pub fn filter_leaf(ns: &mut impl NodeStore, root: &mut Root, path: &Path, mut keep: impl FnMut(&mut Exception) -> Result<bool>) -> Result<()> {
-    let (_, lslot) = path.leaf;
-    let n = count(ns.nb(lslot));
-    let mut w = 0;
-    let mut changed = false;
-    for i in 0..n {
-        let mut e = leaf_entry(ns.nb(lslot), i);
-        let old = e;
-        if keep(&mut e)? {
-            if w != i || e != old {
-                set_leaf_entry(ns.nb_mut(lslot), w, &e);
-                changed = true;
-            }
-            w += 1;
-        } else {
-            changed = true;
-        }
+/// Removes entry `i` of a leaf block (the caller prunes the leaf if it becomes empty).
+pub fn leaf_remove(b: &mut Block, i: usize) {
+    let n = count(b);
+    if i >= n {
+        return;
     }
-    if changed {
-        set_count(ns.nb_mut(lslot), w);
-        if w == 0 {
-            prune(ns, root, path)?;
-        }
-    }
-    Ok(())
+    let o = HEADER_SIZE + i * LEAF_ENTRY;
+    b.copy_within(o + LEAF_ENTRY..HEADER_SIZE + n * LEAF_ENTRY, o);
+    set_count(b, n - 1);
 }
 
-/// Unlinks an empty leaf (and any internal node left empty) from the tree.
-fn prune(ns: &mut impl NodeStore, root: &mut Root, path: &Path) -> Result<()> {
+/// Unlinks the empty leaf on `path` (and any internal node left empty) from the tree.
+pub fn prune(ns: &mut impl NodeStore, root: &mut Root, path: &Path) -> Result<()> {
     let mut victim = path.leaf.0;
     let mut depth = path.len;
     while depth > 0 {

@@ -3,13 +3,14 @@
 //! commits them; clean ones are evicted by a clock hand.  Blocks touched by the operation in
 //! progress (same epoch) are never evicted, so an operation may hold several slot indices.
 
-use super::format::{Block, BlockIo, Error, Result, BLOCK_SIZE};
+use super::format::{Block, BlockIo, Error, Result};
 
 const NONE: u32 = u32::MAX;
 
-/// One cached block.
+/// Bookkeeping of one cache slot (the block data lives in a separate, page-aligned array so
+/// that it can be handed to DMA).
+#[derive(Clone, Copy)]
 pub struct Slot {
-    data: Block,
     block: u64,
     next: u32,
     state: SlotState,
@@ -27,7 +28,7 @@ enum SlotState {
 impl Slot {
     /// An empty slot.
     pub const fn new() -> Self {
-        Slot { data: [0; BLOCK_SIZE], block: 0, next: NONE, state: SlotState::Empty, referenced: false, epoch: 0 }
+        Slot { block: 0, next: NONE, state: SlotState::Empty, referenced: false, epoch: 0 }
     }
 }
 
@@ -37,19 +38,35 @@ impl Default for Slot {
     }
 }
 
-/// Memory for the cache: slots, and hash buckets (a power of two, at least as many as slots).
+/// Scratch blocks the store needs besides the cache slots.
+pub const SCRATCH_BLOCKS: usize = 2;
+
+/// The parts of the cache memory, borrowed together.
+pub struct Parts<'a> {
+    /// Block data: one per slot, then `SCRATCH_BLOCKS` scratch blocks.
+    pub blocks: &'a mut [Block],
+    /// Slot bookkeeping.
+    pub slots: &'a mut [Slot],
+    /// Hash buckets (length a power of two, at least the number of slots).
+    pub buckets: &'a mut [u32],
+    /// Data chunks freed by the open transaction (at least 1024 entries).
+    pub pending: &'a mut [u64],
+}
+
+/// Memory for the cache and the store, supplied by the caller.
 pub trait CacheMem {
-    /// The slots.
+    /// All parts at once.
+    fn parts(&mut self) -> Parts<'_>;
+    /// Block data, read-only.
+    fn blocks(&self) -> &[Block];
+    /// Slot bookkeeping, read-only.
     fn slots(&self) -> &[Slot];
-    /// The slots, mutable.
-    fn slots_mut(&mut self) -> &mut [Slot];
-    /// The hash buckets (length a power of two).
-    fn buckets_mut(&mut self) -> &mut [u32];
 }
 
 /// The cache proper.
 pub struct Cache<M: CacheMem> {
     mem: M,
+    capacity: usize,
     hand: usize,
     epoch: u32,
     ndirty: usize,
@@ -64,24 +81,24 @@ fn hash(block: u64, nbuckets: usize) -> usize {
 impl<M: CacheMem> Cache<M> {
     /// Wraps caller-provided memory; fails if it is too small or badly shaped.
     pub fn new(mut mem: M) -> Result<Self> {
-        let n = mem.slots().len();
-        let nb = mem.buckets_mut().len();
-        if n < 64 || n >= NONE as usize || nb < n || !nb.is_power_of_two() {
-            return Err(Error::Invalid("cache memory: need >= 64 slots and power-of-two buckets >= slots"));
+        let p = mem.parts();
+        let (n, nb) = (p.slots.len(), p.buckets.len());
+        if n < 64 || n >= NONE as usize || nb < n || !nb.is_power_of_two() || p.blocks.len() != n + SCRATCH_BLOCKS || p.pending.len() < 1024 {
+            return Err(Error::Invalid("cache memory: need >= 64 slots, a block each plus scratch, power-of-two buckets"));
         }
-        for b in mem.buckets_mut().iter_mut() {
+        for b in p.buckets.iter_mut() {
             *b = NONE;
         }
-        for s in mem.slots_mut().iter_mut() {
+        for s in p.slots.iter_mut() {
             s.state = SlotState::Empty;
             s.next = NONE;
         }
-        Ok(Cache { mem, hand: 0, epoch: 1, ndirty: 0, reads: 0 })
+        Ok(Cache { mem, capacity: n, hand: 0, epoch: 1, ndirty: 0, reads: 0 })
     }
 
     /// Number of slots.
     pub fn capacity(&self) -> usize {
-        self.mem.slots().len()
+        self.capacity
     }
 
     /// Number of dirty slots.
@@ -95,8 +112,8 @@ impl<M: CacheMem> Cache<M> {
     }
 
     fn find(&mut self, block: u64) -> Option<usize> {
-        let nb = self.mem.buckets_mut().len();
-        let mut i = self.mem.buckets_mut()[hash(block, nb)];
+        let nb = self.mem.parts().buckets.len();
+        let mut i = self.mem.parts().buckets[hash(block, nb)];
         while i != NONE {
             let s = &self.mem.slots()[i as usize];
             if s.block == block && s.state != SlotState::Empty {
@@ -108,20 +125,20 @@ impl<M: CacheMem> Cache<M> {
     }
 
     fn unhash(&mut self, idx: usize) {
-        let block = self.mem.slots()[idx].block;
-        let nb = self.mem.buckets_mut().len();
+        let block = self.mem.parts().slots[idx].block;
+        let nb = self.mem.parts().buckets.len();
         let h = hash(block, nb);
-        let next = self.mem.slots()[idx].next;
-        let mut i = self.mem.buckets_mut()[h];
+        let next = self.mem.parts().slots[idx].next;
+        let mut i = self.mem.parts().buckets[h];
         if i as usize == idx {
-            self.mem.buckets_mut()[h] = next;
+            self.mem.parts().buckets[h] = next;
             return;
         }
         while i != NONE {
             let cur = i as usize;
-            i = self.mem.slots()[cur].next;
+            i = self.mem.parts().slots[cur].next;
             if i as usize == idx {
-                self.mem.slots_mut()[cur].next = next;
+                self.mem.parts().slots[cur].next = next;
                 return;
             }
         }
@@ -133,7 +150,7 @@ impl<M: CacheMem> Cache<M> {
             let i = self.hand;
             self.hand = (self.hand + 1) % n;
             let epoch = self.epoch;
-            let s = &mut self.mem.slots_mut()[i];
+            let s = &mut self.mem.parts().slots[i];
             match s.state {
                 SlotState::Empty => return Ok(i),
                 SlotState::Dirty => continue,
@@ -146,7 +163,7 @@ impl<M: CacheMem> Cache<M> {
                         continue;
                     }
                     self.unhash(i);
-                    self.mem.slots_mut()[i].state = SlotState::Empty;
+                    self.mem.parts().slots[i].state = SlotState::Empty;
                     return Ok(i);
                 }
             }
@@ -155,22 +172,22 @@ impl<M: CacheMem> Cache<M> {
     }
 
     fn install(&mut self, idx: usize, block: u64) {
-        let nb = self.mem.buckets_mut().len();
+        let nb = self.mem.parts().buckets.len();
         let h = hash(block, nb);
-        let head = self.mem.buckets_mut()[h];
+        let head = self.mem.parts().buckets[h];
         let epoch = self.epoch;
-        let s = &mut self.mem.slots_mut()[idx];
+        let s = &mut self.mem.parts().slots[idx];
         s.block = block;
         s.next = head;
         s.state = SlotState::Clean;
         s.referenced = true;
         s.epoch = epoch;
-        self.mem.buckets_mut()[h] = idx as u32;
+        self.mem.parts().buckets[h] = idx as u32;
     }
 
     fn touch(&mut self, idx: usize) {
         let epoch = self.epoch;
-        let s = &mut self.mem.slots_mut()[idx];
+        let s = &mut self.mem.parts().slots[idx];
         s.referenced = true;
         s.epoch = epoch;
     }
@@ -186,9 +203,7 @@ impl<M: CacheMem> Cache<M> {
             return Err(Error::WouldBlock);
         }
         let i = self.victim()?;
-        if let Err(e) = io.read_block(block, &mut self.mem.slots_mut()[i].data) {
-            return Err(e);
-        }
+        io.read_block(block, &mut self.mem.parts().blocks[i])?;
         self.reads += 1;
         self.install(i, block);
         Ok((i, true))
@@ -205,24 +220,24 @@ impl<M: CacheMem> Cache<M> {
             }
         };
         self.touch(i);
-        self.mem.slots_mut()[i].data.fill(0);
+        self.mem.parts().blocks[i].fill(0);
         self.mark_dirty(i);
         Ok(i)
     }
 
     /// Drops a slot whose content failed validation.
     pub fn discard(&mut self, idx: usize) {
-        if self.mem.slots()[idx].state == SlotState::Dirty {
+        if self.mem.parts().slots[idx].state == SlotState::Dirty {
             self.ndirty -= 1;
         }
         self.unhash(idx);
-        self.mem.slots_mut()[idx].state = SlotState::Empty;
+        self.mem.parts().slots[idx].state = SlotState::Empty;
     }
 
     /// Drops every clean block (used after journal replay rewrote blocks behind the cache).
     pub fn drop_clean(&mut self) {
         for i in 0..self.capacity() {
-            if self.mem.slots()[i].state == SlotState::Clean {
+            if self.mem.parts().slots[i].state == SlotState::Clean {
                 self.discard(i);
             }
         }
@@ -230,13 +245,13 @@ impl<M: CacheMem> Cache<M> {
 
     /// The block in slot `idx`.
     pub fn data(&self, idx: usize) -> &Block {
-        &self.mem.slots()[idx].data
+        &self.mem.blocks()[idx]
     }
 
     /// The block in slot `idx`, for modification: marks it dirty.
     pub fn data_mut(&mut self, idx: usize) -> &mut Block {
         self.mark_dirty(idx);
-        &mut self.mem.slots_mut()[idx].data
+        &mut self.mem.parts().blocks[idx]
     }
 
     /// Two distinct slots for modification (both marked dirty).
@@ -244,18 +259,18 @@ impl<M: CacheMem> Cache<M> {
         assert!(a != b);
         self.mark_dirty(a);
         self.mark_dirty(b);
-        let slots = self.mem.slots_mut();
+        let blocks = self.mem.parts().blocks;
         if a < b {
-            let (x, y) = slots.split_at_mut(b);
-            (&mut x[a].data, &mut y[0].data)
+            let (x, y) = blocks.split_at_mut(b);
+            (&mut x[a], &mut y[0])
         } else {
-            let (x, y) = slots.split_at_mut(a);
-            (&mut y[0].data, &mut x[b].data)
+            let (x, y) = blocks.split_at_mut(a);
+            (&mut y[0], &mut x[b])
         }
     }
 
     fn mark_dirty(&mut self, idx: usize) {
-        let s = &mut self.mem.slots_mut()[idx];
+        let s = &mut self.mem.parts().slots[idx];
         if s.state != SlotState::Dirty {
             s.state = SlotState::Dirty;
             self.ndirty += 1;
@@ -270,7 +285,7 @@ impl<M: CacheMem> Cache<M> {
     /// Calls `f` with the slot index of every dirty block, in slot order.
     pub fn for_each_dirty(&mut self, mut f: impl FnMut(&mut Self, usize) -> Result<()>) -> Result<()> {
         for i in 0..self.capacity() {
-            if self.mem.slots()[i].state == SlotState::Dirty {
+            if self.mem.parts().slots[i].state == SlotState::Dirty {
                 f(self, i)?;
             }
         }
@@ -279,12 +294,48 @@ impl<M: CacheMem> Cache<M> {
 
     /// Mutable access to a dirty slot's data without changing its state (sealing).
     pub fn raw_mut(&mut self, idx: usize) -> &mut Block {
-        &mut self.mem.slots_mut()[idx].data
+        &mut self.mem.parts().blocks[idx]
+    }
+
+    /// Scratch block `i` (0 or 1), outside the cache proper.
+    pub fn scratch(&mut self, i: usize) -> &mut Block {
+        let n = self.capacity();
+        &mut self.mem.parts().blocks[n + i]
+    }
+
+    /// Both scratch blocks.
+    pub fn scratch2(&mut self) -> (&mut Block, &mut Block) {
+        let n = self.capacity();
+        let (a, b) = self.mem.parts().blocks[n..].split_at_mut(1);
+        (&mut a[0], &mut b[0])
+    }
+
+    /// The list of data chunks freed in the open transaction.
+    pub fn pending(&mut self) -> &mut [u64] {
+        self.mem.parts().pending
+    }
+
+    /// Dirty slot bookkeeping and data, plus scratch block 0 (for the journal commit).
+    pub fn commit_view(&mut self) -> (&mut [Block], &[Slot], &mut Block) {
+        let p = self.mem.parts();
+        let n = p.slots.len();
+        let (blocks, scratch) = p.blocks.split_at_mut(n);
+        (blocks, p.slots, &mut scratch[0])
+    }
+
+    /// Whether slot `idx` is dirty.
+    pub fn slot_dirty(s: &Slot) -> bool {
+        s.state == SlotState::Dirty
+    }
+
+    /// Block number of a slot.
+    pub fn slot_block(s: &Slot) -> u64 {
+        s.block
     }
 
     /// Marks every dirty block clean (after they have been journaled and written home).
     pub fn mark_all_clean(&mut self) {
-        for s in self.mem.slots_mut().iter_mut() {
+        for s in self.mem.parts().slots.iter_mut() {
             if s.state == SlotState::Dirty {
                 s.state = SlotState::Clean;
             }
@@ -295,10 +346,10 @@ impl<M: CacheMem> Cache<M> {
     /// Forgets everything, dirty blocks included (after a failed commit the in-memory state
     /// is no longer trusted).
     pub fn reset(&mut self) {
-        for b in self.mem.buckets_mut().iter_mut() {
+        for b in self.mem.parts().buckets.iter_mut() {
             *b = NONE;
         }
-        for s in self.mem.slots_mut().iter_mut() {
+        for s in self.mem.parts().slots.iter_mut() {
             s.state = SlotState::Empty;
             s.next = NONE;
         }

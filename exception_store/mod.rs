@@ -101,9 +101,7 @@ pub struct Store<D: BlockIo, M: CacheMem> {
     sb: Super,
     sb_dirty: bool,
     journal: Journal,
-    scratch: Block,
     poisoned: Option<Error>,
-    pending: [u64; PENDING_MAX],
     npending: usize,
     hint: [u64; 2],
     /// What the journal replay at open found.
@@ -180,13 +178,12 @@ impl<D: BlockIo, M: CacheMem> Store<D, M> {
     /// Opens a store: validates the superblock, replays the journal, marks the store dirty.
     pub fn open(mut io: D, mem: M) -> Result<Self> {
         let mut cache = Cache::new(mem)?;
-        let mut scratch = [0u8; BLOCK_SIZE];
-        let mut b2 = [0u8; BLOCK_SIZE];
-        io.read_block(0, &mut scratch)?;
-        let sb0 = Super::decode(&io, &scratch, 0, io.size_blocks())?;
-        let (journal, replay) = journal::replay(&mut io, &sb0.layout, sb0.store_id, &mut scratch, &mut b2)?;
-        io.read_block(STATE_BLOCK, &mut scratch)?;
-        let sb = Super::decode(&io, &scratch, STATE_BLOCK, io.size_blocks())?;
+        let (scratch, b2) = cache.scratch2();
+        io.read_block(0, scratch)?;
+        let sb0 = Super::decode(&io, scratch, 0, io.size_blocks())?;
+        let (journal, replay) = journal::replay(&mut io, &sb0.layout, sb0.store_id, scratch, b2)?;
+        io.read_block(STATE_BLOCK, scratch)?;
+        let sb = Super::decode(&io, scratch, STATE_BLOCK, io.size_blocks())?;
         if sb.store_id != sb0.store_id || sb.layout != sb0.layout {
             return Err(Error::Corrupt { block: 0, what: "journal replay changed the store layout" });
         }
@@ -197,9 +194,7 @@ impl<D: BlockIo, M: CacheMem> Store<D, M> {
             sb,
             sb_dirty: false,
             journal,
-            scratch,
             poisoned: None,
-            pending: [0; PENDING_MAX],
             npending: 0,
             hint: [0; 2],
             replay,
@@ -216,7 +211,7 @@ impl<D: BlockIo, M: CacheMem> Store<D, M> {
         self.sb.flags &= !SB_DIRTY;
         self.sb_dirty = true;
         self.commit()?;
-        journal::checkpoint(&mut self.io, &mut self.journal, self.sb.store_id, &mut self.scratch)?;
+        journal::checkpoint(&mut self.io, &mut self.journal, self.sb.store_id, self.cache.scratch(0))?;
         Ok((self.io, self.cache.into_mem()))
     }
 
@@ -307,7 +302,7 @@ impl<D: BlockIo, M: CacheMem> Store<D, M> {
             let sb = self.sb;
             sb.encode(self.cache.data_mut(slot), STATE_BLOCK);
         }
-        let r = journal::commit(&mut self.io, &mut self.cache, &mut self.journal, self.sb.store_id, &mut self.scratch);
+        let r = journal::commit(&mut self.io, &mut self.cache, &mut self.journal, self.sb.store_id);
         self.guard(r)?;
         self.sb_dirty = false;
         self.npending = 0;
@@ -377,7 +372,7 @@ impl<D: BlockIo, M: CacheMem> Store<D, M> {
                 i = (i + step) % total;
                 continue;
             }
-            if v & m == 0 && !(area == Area::Data && self.pending[..self.npending].contains(&i)) {
+            if v & m == 0 && !(area == Area::Data && self.cache.pending()[..self.npending].contains(&i)) {
                 self.cache.data_mut(slot)[byte] |= m;
                 *self.used(area) += 1;
                 self.sb_dirty = true;
@@ -409,7 +404,8 @@ impl<D: BlockIo, M: CacheMem> Store<D, M> {
             if self.npending >= PENDING_MAX {
                 return Err(Error::TxFull);
             }
-            self.pending[self.npending] = i;
+            let n = self.npending;
+            self.cache.pending()[n] = i;
             self.npending += 1;
         }
         Ok(())
@@ -646,30 +642,27 @@ impl<D: BlockIo, M: CacheMem> Store<D, M> {
         let cursor = self.sb.delete_cursor;
         let mut root = self.sb.root;
         let path = btree::find_leaf(self, root, cursor, false)?;
-        let mut freed = [0u64; btree::LEAF_CAP];
-        let mut nfreed = 0;
-        let mut snaps = self.sb.snaps;
-        btree::filter_leaf(self, &mut root, &path, |e| {
+        let lslot = path.leaf.1;
+        let mut i = btree::count(self.cache.data(lslot));
+        while i > 0 {
+            i -= 1;
+            let e = btree::leaf_entry(self.cache.data(lslot), i);
             if e.chunk < cursor || e.share & gone == 0 {
-                return Ok(true);
+                continue;
             }
             let new = e.share & !gone;
-            account(&mut snaps, e.share, new);
-            e.share = new;
-            if new == 0 {
-                freed[nfreed] = e.cow;
-                nfreed += 1;
-                return Ok(false);
+            account(&mut self.sb.snaps, e.share, new);
+            if new != 0 {
+                btree::set_leaf_share(self.cache.data_mut(lslot), i, new);
+            } else {
+                btree::leaf_remove(self.cache.data_mut(lslot), i);
+                self.free(Area::Data, e.cow)?;
             }
-            Ok(true)
-        })?;
-        self.sb.snaps = snaps;
-        if root != self.sb.root {
-            self.sb.root = root;
         }
-        for &c in &freed[..nfreed] {
-            self.free(Area::Data, c)?;
+        if btree::count(self.cache.data(lslot)) == 0 {
+            btree::prune(self, &mut root, &path)?;
         }
+        self.sb.root = root;
         self.sb_dirty = true;
         match path.upper {
             Some(u) => {

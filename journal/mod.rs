@@ -62,7 +62,7 @@ pub fn checkpoint(io: &mut impl BlockIo, j: &mut Journal, store_id: u64, scratch
 }
 
 /// Commits every dirty block of `cache` as one transaction.
-pub fn commit<M: CacheMem>(io: &mut impl BlockIo, cache: &mut Cache<M>, j: &mut Journal, store_id: u64, desc: &mut Block) -> Result<()> {
+pub fn commit<M: CacheMem>(io: &mut impl BlockIo, cache: &mut Cache<M>, j: &mut Journal, store_id: u64) -> Result<()> {
     let n = cache.ndirty();
     if n == 0 {
         return Ok(());
@@ -71,35 +71,45 @@ pub fn commit<M: CacheMem>(io: &mut impl BlockIo, cache: &mut Cache<M>, j: &mut 
         return Err(Error::Invalid("transaction larger than the journal descriptor"));
     }
     if j.size - (j.off - j.tail) < n as u64 + 1 {
-        checkpoint(io, j, store_id, desc)?;
+        checkpoint(io, j, store_id, cache.scratch(0))?;
     }
+    let (blocks, slots, desc) = cache.commit_view();
     desc.fill(0);
     let dloc = j.loc(j.off);
     init_header(desc, BlockType::JournalDesc, dloc, store_id);
     put64(desc, D_SEQ, j.seq);
     put32(desc, D_COUNT, n as u32);
     let mut i = 0usize;
-    cache.for_each_dirty(|c, slot| {
-        let home = c.block_of(slot);
-        let b = c.raw_mut(slot);
+    for (b, s) in blocks.iter_mut().zip(slots.iter()) {
+        if !Cache::<M>::slot_dirty(s) {
+            continue;
+        }
+        if i == n {
+            return Err(Error::Invalid("dirty count mismatch"));
+        }
         seal(io, b);
         let crc = block_crc(io, b);
-        put64(desc, D_ENTRIES + i * D_ENTRY, home);
+        put64(desc, D_ENTRIES + i * D_ENTRY, Cache::<M>::slot_block(s));
         put32(desc, D_ENTRIES + i * D_ENTRY + 8, crc);
         i += 1;
-        Ok(())
-    })?;
+    }
     seal(io, desc);
+    // 1. data copies durable; 2. the transaction, durable; 3. home writes.
     io.flush()?;
     io.write_block(dloc, desc)?;
     let mut k = 0u64;
-    let off = j.off;
-    cache.for_each_dirty(|c, slot| {
-        k += 1;
-        io.write_block(j.loc(off + k), c.data(slot))
-    })?;
+    for (b, s) in blocks.iter().zip(slots.iter()) {
+        if Cache::<M>::slot_dirty(s) {
+            k += 1;
+            io.write_block(j.loc(j.off + k), b)?;
+        }
+    }
     io.flush()?;
-    cache.for_each_dirty(|c, slot| io.write_block(c.block_of(slot), c.data(slot)))?;
+    for (b, s) in blocks.iter().zip(slots.iter()) {
+        if Cache::<M>::slot_dirty(s) {
+            io.write_block(Cache::<M>::slot_block(s), b)?;
+        }
+    }
     cache.mark_all_clean();
     j.off += n as u64 + 1;
     j.seq += 1;

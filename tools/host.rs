@@ -1,7 +1,7 @@
 //! Userspace implementations of the core's traits: an in-memory device that can simulate
 //! power loss, a file or block device, and Vec-backed cache memory.
 
-use crate::exception_store::cache::{CacheMem, Slot};
+use crate::exception_store::cache::{CacheMem, Parts, Slot, SCRATCH_BLOCKS};
 use crate::exception_store::format::{Block, BlockIo, Error, Result, BLOCK_SIZE};
 use std::boxed::Box;
 use std::collections::HashMap;
@@ -16,28 +16,33 @@ pub fn crc32c(data: &[u8]) -> u32 {
 
 /// Cache memory from the heap.
 pub struct VecMem {
+    blocks: Vec<Block>,
     slots: Vec<Slot>,
     buckets: Vec<u32>,
+    pending: Vec<u64>,
 }
 
 impl VecMem {
     /// `n` slots of 4 KiB.
     pub fn new(n: usize) -> Self {
-        let mut slots = Vec::with_capacity(n);
-        slots.resize_with(n, Slot::new);
-        VecMem { slots, buckets: std::vec![0; (2 * n).next_power_of_two()] }
+        VecMem {
+            blocks: std::vec![[0u8; BLOCK_SIZE]; n + SCRATCH_BLOCKS],
+            slots: std::vec![Slot::new(); n],
+            buckets: std::vec![0; (2 * n).next_power_of_two()],
+            pending: std::vec![0; 1024],
+        }
     }
 }
 
 impl CacheMem for VecMem {
+    fn parts(&mut self) -> Parts<'_> {
+        Parts { blocks: &mut self.blocks, slots: &mut self.slots, buckets: &mut self.buckets, pending: &mut self.pending }
+    }
+    fn blocks(&self) -> &[Block] {
+        &self.blocks
+    }
     fn slots(&self) -> &[Slot] {
         &self.slots
-    }
-    fn slots_mut(&mut self) -> &mut [Slot] {
-        &mut self.slots
-    }
-    fn buckets_mut(&mut self) -> &mut [u32] {
-        &mut self.buckets
     }
 }
 
