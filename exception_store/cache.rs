@@ -356,6 +356,11 @@ impl<M: CacheMem> Cache<M> {
         self.ndirty = 0;
     }
 
+    /// The memory.
+    pub fn mem(&self) -> &M {
+        &self.mem
+    }
+
     /// Gives the memory back.
     pub fn into_mem(self) -> M {
         self.mem

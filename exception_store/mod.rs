@@ -235,6 +235,11 @@ impl<D: BlockIo, M: CacheMem> Store<D, M> {
         &self.journal
     }
 
+    /// The cache memory (for accounting).
+    pub fn mem(&self) -> &M {
+        self.cache.mem()
+    }
+
     /// Metadata blocks read from disk so far.
     pub fn cache_reads(&self) -> u64 {
         self.cache.reads

@@ -1,0 +1,417 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * dm-shared-snap C glue.  See glue.h.  No policy lives here: every decision is made in Rust.
+ */
+#include <linux/module.h>
+#include <linux/device-mapper.h>
+#include <linux/dm-io.h>
+#include <linux/dm-kcopyd.h>
+#include <linux/bio.h>
+#include <linux/blkdev.h>
+#include <linux/crc32c.h>
+#include <linux/vmalloc.h>
+#include <linux/slab.h>
+#include <linux/workqueue.h>
+#include <linux/wait.h>
+#include <linux/completion.h>
+#include <linux/mutex.h>
+#include <linux/random.h>
+
+#include "glue.h"
+
+#define DM_MSG_PREFIX "shared-snapshot"
+
+/* ---- target types ---------------------------------------------------------------------- */
+
+#define DMSS_TARGET_FNS(kind, pfx)							\
+static int pfx##_ctr(struct dm_target *ti, unsigned int argc, char **argv)		\
+{ return dmss_rust_ctr(ti, kind, argc, argv); }					\
+static void pfx##_dtr(struct dm_target *ti) { dmss_rust_dtr(ti, kind); }		\
+static int pfx##_map(struct dm_target *ti, struct bio *bio)				\
+{ return dmss_rust_map(ti, kind, bio); }						\
+static int pfx##_end_io(struct dm_target *ti, struct bio *bio, blk_status_t *err)	\
+{ dmss_rust_end_io(ti, kind, bio); return DM_ENDIO_DONE; }				\
+static void pfx##_status(struct dm_target *ti, status_type_t type,			\
+			 unsigned int flags, char *result, unsigned int maxlen)		\
+{											\
+	int t = type == STATUSTYPE_INFO ? 0 : type == STATUSTYPE_TABLE ? 1 : 2;	\
+	if (maxlen)									\
+		result[0] = 0;								\
+	dmss_rust_status(ti, kind, t, result, maxlen);					\
+}											\
+static int pfx##_message(struct dm_target *ti, unsigned int argc, char **argv,	\
+			 char *result, unsigned int maxlen)				\
+{ return dmss_rust_message(ti, kind, argc, argv, result, maxlen); }		\
+static void pfx##_presuspend(struct dm_target *ti) { dmss_rust_presuspend(ti, kind); }	\
+static void pfx##_postsuspend(struct dm_target *ti) { dmss_rust_postsuspend(ti, kind); }	\
+static void pfx##_resume(struct dm_target *ti) { dmss_rust_resume(ti, kind); }	\
+static int pfx##_iterate_devices(struct dm_target *ti, iterate_devices_callout_fn fn,	\
+				 void *data)						\
+{											\
+	struct dm_dev *d;								\
+	unsigned int i;									\
+	int r = 0;									\
+	for (i = 0; !r && (d = dmss_rust_device(ti, kind, i)); i++)			\
+		r = fn(ti, d, 0, ti->len, data);					\
+	return r;									\
+}
+
+DMSS_TARGET_FNS(0, origin)
+DMSS_TARGET_FNS(1, snap)
+
+#define DMSS_TARGET(pfx, tname)								\
+{											\
+	.name = tname, .version = { 1, 0, 0 }, .module = THIS_MODULE,			\
+	.ctr = pfx##_ctr, .dtr = pfx##_dtr, .map = pfx##_map, .end_io = pfx##_end_io,	\
+	.status = pfx##_status, .message = pfx##_message,				\
+	.presuspend = pfx##_presuspend, .postsuspend = pfx##_postsuspend,		\
+	.resume = pfx##_resume, .iterate_devices = pfx##_iterate_devices,		\
+}
+
+static struct target_type dmss_targets[2] = {
+	DMSS_TARGET(origin, "shared-snapshot-origin"),
+	DMSS_TARGET(snap, "shared-snapshot"),
+};
+
+int dmss_register(void)
+{
+	int r = dm_register_target(&dmss_targets[0]);
+
+	if (r)
+		return r;
+	r = dm_register_target(&dmss_targets[1]);
+	if (r)
+		dm_unregister_target(&dmss_targets[0]);
+	return r;
+}
+
+void dmss_unregister(void)
+{
+	dm_unregister_target(&dmss_targets[1]);
+	dm_unregister_target(&dmss_targets[0]);
+}
+
+/* ---- dm_target ------------------------------------------------------------------------- */
+
+void *dmss_ti_private(struct dm_target *ti) { return ti->private; }
+void dmss_ti_set_private(struct dm_target *ti, void *p) { ti->private = p; }
+void dmss_ti_set_error(struct dm_target *ti, const char *msg) { ti->error = (char *)msg; }
+u64 dmss_ti_begin(struct dm_target *ti) { return ti->begin; }
+u64 dmss_ti_len(struct dm_target *ti) { return ti->len; }
+
+int dmss_ti_setup(struct dm_target *ti, u32 max_io_len, unsigned int per_io_data_size,
+		  unsigned int num_flush_bios)
+{
+	ti->per_io_data_size = per_io_data_size;
+	ti->num_flush_bios = num_flush_bios;
+	ti->num_discard_bios = 0;
+	return max_io_len ? dm_set_target_max_io_len(ti, max_io_len) : 0;
+}
+
+u32 dmss_ti_devt(struct dm_target *ti)
+{
+	return disk_devt(dm_disk(dm_table_get_md(ti->table)));
+}
+
+void dmss_ti_event(struct dm_target *ti) { dm_table_event(ti->table); }
+int dmss_ti_writable(struct dm_target *ti) { return !!(dm_table_get_mode(ti->table) & BLK_OPEN_WRITE); }
+
+/* ---- devices --------------------------------------------------------------------------- */
+
+struct dm_dev *dmss_get_device(struct dm_target *ti, const char *path, int *err)
+{
+	struct dm_dev *d;
+
+	*err = dm_get_device(ti, path, dm_table_get_mode(ti->table), &d);
+	return *err ? NULL : d;
+}
+
+void dmss_put_device(struct dm_target *ti, struct dm_dev *d) { dm_put_device(ti, d); }
+u64 dmss_dev_sectors(struct dm_dev *d) { return bdev_nr_sectors(d->bdev); }
+u32 dmss_dev_devt(struct dm_dev *d) { return d->bdev->bd_dev; }
+const char *dmss_dev_name(struct dm_dev *d) { return d->name; }
+
+/* ---- bios ------------------------------------------------------------------------------ */
+
+int dmss_bio_kind(struct bio *bio)
+{
+	switch (bio_op(bio)) {
+	case REQ_OP_READ:
+		return DMSS_BIO_READ;
+	case REQ_OP_WRITE:
+		return bio_sectors(bio) ? DMSS_BIO_WRITE : DMSS_BIO_FLUSH;
+	case REQ_OP_WRITE_ZEROES:
+		return DMSS_BIO_WRITE;
+	case REQ_OP_DISCARD:
+		return DMSS_BIO_DISCARD;
+	default:
+		return DMSS_BIO_OTHER;
+	}
+}
+
+u64 dmss_bio_sector(struct bio *bio) { return bio->bi_iter.bi_sector; }
+u32 dmss_bio_sectors(struct bio *bio) { return bio_sectors(bio); }
+
+void dmss_bio_remap(struct bio *bio, struct dm_dev *d, u64 sector)
+{
+	bio_set_dev(bio, d->bdev);
+	bio->bi_iter.bi_sector = sector;
+}
+
+void dmss_bio_endio(struct bio *bio, int err)
+{
+	bio->bi_status = errno_to_blk_status(err);
+	bio_endio(bio);
+}
+
+void dmss_bio_submit(struct bio *bio) { dm_submit_bio_remap(bio, NULL); }
+u64 *dmss_bio_pbd(struct bio *bio) { return dm_per_bio_data(bio, sizeof(u64)); }
+
+/* ---- worker ---------------------------------------------------------------------------- */
+
+struct dmss_worker {
+	struct workqueue_struct *wq;
+	struct work_struct work;
+	spinlock_t lock;
+	struct bio_list bios;
+	void *ctx;
+};
+
+static void dmss_work_fn(struct work_struct *work)
+{
+	struct dmss_worker *w = container_of(work, struct dmss_worker, work);
+
+	dmss_rust_work(w->ctx);
+}
+
+struct dmss_worker *dmss_worker_create(void *ctx)
+{
+	struct dmss_worker *w = kzalloc(sizeof(*w), GFP_KERNEL);
+
+	if (!w)
+		return NULL;
+	w->wq = alloc_workqueue("dm-shared-snap", WQ_MEM_RECLAIM, 1);
+	if (!w->wq) {
+		kfree(w);
+		return NULL;
+	}
+	INIT_WORK(&w->work, dmss_work_fn);
+	spin_lock_init(&w->lock);
+	bio_list_init(&w->bios);
+	w->ctx = ctx;
+	return w;
+}
+
+void dmss_worker_destroy(struct dmss_worker *w)
+{
+	destroy_workqueue(w->wq);
+	WARN_ON(!bio_list_empty(&w->bios));
+	kfree(w);
+}
+
+void dmss_worker_defer(struct dmss_worker *w, struct bio *bio)
+{
+	unsigned long flags;
+
+	spin_lock_irqsave(&w->lock, flags);
+	bio_list_add(&w->bios, bio);
+	spin_unlock_irqrestore(&w->lock, flags);
+	queue_work(w->wq, &w->work);
+}
+
+struct bio *dmss_worker_pop(struct dmss_worker *w)
+{
+	unsigned long flags;
+	struct bio *bio;
+
+	spin_lock_irqsave(&w->lock, flags);
+	bio = bio_list_pop(&w->bios);
+	spin_unlock_irqrestore(&w->lock, flags);
+	return bio;
+}
+
+void dmss_worker_push_front(struct dmss_worker *w, struct bio *bio)
+{
+	unsigned long flags;
+
+	spin_lock_irqsave(&w->lock, flags);
+	bio_list_add_head(&w->bios, bio);
+	spin_unlock_irqrestore(&w->lock, flags);
+}
+
+void dmss_worker_kick(struct dmss_worker *w) { queue_work(w->wq, &w->work); }
+void dmss_worker_flush(struct dmss_worker *w) { flush_workqueue(w->wq); }
+
+/* ---- mutex ----------------------------------------------------------------------------- */
+
+struct mutex *dmss_mutex_create(void)
+{
+	struct mutex *m = kzalloc(sizeof(*m), GFP_KERNEL);
+
+	if (m)
+		mutex_init(m);
+	return m;
+}
+
+void dmss_mutex_destroy(struct mutex *m)
+{
+	mutex_destroy(m);
+	kfree(m);
+}
+
+void dmss_mutex_lock(struct mutex *m) { mutex_lock(m); }
+int dmss_mutex_trylock(struct mutex *m) { return mutex_trylock(m); }
+void dmss_mutex_unlock(struct mutex *m) { mutex_unlock(m); }
+
+static DEFINE_MUTEX(dmss_registry_mutex);
+void dmss_registry_lock(void) { mutex_lock(&dmss_registry_mutex); }
+void dmss_registry_unlock(void) { mutex_unlock(&dmss_registry_mutex); }
+
+/* ---- in-flight counter ----------------------------------------------------------------- */
+
+struct dmss_inflight {
+	atomic_t n;
+	wait_queue_head_t wq;
+};
+
+struct dmss_inflight *dmss_inflight_create(void)
+{
+	struct dmss_inflight *f = kzalloc(sizeof(*f), GFP_KERNEL);
+
+	if (f) {
+		atomic_set(&f->n, 0);
+		init_waitqueue_head(&f->wq);
+	}
+	return f;
+}
+
+void dmss_inflight_destroy(struct dmss_inflight *f) { kfree(f); }
+void dmss_inflight_inc(struct dmss_inflight *f) { atomic_inc(&f->n); }
+
+void dmss_inflight_dec(struct dmss_inflight *f)
+{
+	if (atomic_dec_and_test(&f->n))
+		wake_up_all(&f->wq);
+}
+
+void dmss_inflight_wait_zero(struct dmss_inflight *f)
+{
+	wait_event(f->wq, !atomic_read(&f->n));
+}
+
+/* ---- dm-io ----------------------------------------------------------------------------- */
+
+struct dm_io_client *dmss_io_client_create(void)
+{
+	struct dm_io_client *c = dm_io_client_create();
+
+	return IS_ERR(c) ? NULL : c;
+}
+
+void dmss_io_client_destroy(struct dm_io_client *c) { dm_io_client_destroy(c); }
+
+int dmss_io(struct dm_io_client *c, struct dm_dev *d, u64 sector, u32 count, void *buf, int op)
+{
+	struct dm_io_region region = { .bdev = d->bdev, .sector = sector, .count = count };
+	struct dm_io_request req = { .client = c, .notify.fn = NULL };
+	unsigned long error_bits = 0;
+	int r;
+
+	switch (op) {
+	case DMSS_IO_READ:
+		req.bi_opf = REQ_OP_READ;
+		break;
+	case DMSS_IO_WRITE:
+		req.bi_opf = REQ_OP_WRITE | REQ_SYNC;
+		break;
+	default:
+		req.bi_opf = REQ_OP_WRITE | REQ_PREFLUSH | REQ_SYNC;
+		region.count = 0;
+		break;
+	}
+	if (!buf) {
+		req.mem.type = DM_IO_KMEM;
+		req.mem.ptr.addr = NULL;
+	} else if (is_vmalloc_addr(buf)) {
+		req.mem.type = DM_IO_VMA;
+		req.mem.ptr.vma = buf;
+	} else {
+		req.mem.type = DM_IO_KMEM;
+		req.mem.ptr.addr = buf;
+	}
+	r = dm_io(&req, 1, &region, &error_bits, IOPRIO_DEFAULT);
+	if (!r && error_bits)
+		r = -EIO;
+	return r;
+}
+
+/* ---- kcopyd ---------------------------------------------------------------------------- */
+
+struct dmss_copier {
+	struct dm_kcopyd_client *kc;
+	atomic_t pending;
+	atomic_t errors;
+	struct completion done;
+};
+
+struct dmss_copier *dmss_copier_create(void)
+{
+	struct dmss_copier *c = kzalloc(sizeof(*c), GFP_KERNEL);
+
+	if (!c)
+		return NULL;
+	c->kc = dm_kcopyd_client_create(NULL);
+	if (IS_ERR(c->kc)) {
+		kfree(c);
+		return NULL;
+	}
+	atomic_set(&c->pending, 1);
+	atomic_set(&c->errors, 0);
+	init_completion(&c->done);
+	return c;
+}
+
+void dmss_copier_destroy(struct dmss_copier *c)
+{
+	dm_kcopyd_client_destroy(c->kc);
+	kfree(c);
+}
+
+static void dmss_copy_done(int read_err, unsigned long write_err, void *context)
+{
+	struct dmss_copier *c = context;
+
+	if (read_err || write_err)
+		atomic_inc(&c->errors);
+	if (atomic_dec_and_test(&c->pending))
+		complete(&c->done);
+}
+
+void dmss_copy(struct dmss_copier *c, struct dm_dev *src, u64 src_sector, struct dm_dev *dst,
+	       u64 dst_sector, u64 count)
+{
+	struct dm_io_region from = { .bdev = src->bdev, .sector = src_sector, .count = count };
+	struct dm_io_region to = { .bdev = dst->bdev, .sector = dst_sector, .count = count };
+
+	atomic_inc(&c->pending);
+	dm_kcopyd_copy(c->kc, &from, 1, &to, 0, dmss_copy_done, c);
+}
+
+int dmss_copy_wait(struct dmss_copier *c)
+{
+	int errors;
+
+	if (!atomic_dec_and_test(&c->pending))
+		wait_for_completion(&c->done);
+	errors = atomic_xchg(&c->errors, 0);
+	atomic_set(&c->pending, 1);
+	reinit_completion(&c->done);
+	return errors ? -EIO : 0;
+}
+
+/* ---- misc ------------------------------------------------------------------------------ */
+
+u32 dmss_crc32c(const void *data, size_t len) { return ~crc32c(~0, data, len); }
+u64 dmss_random_u64(void) { return get_random_u64(); }
+void *dmss_vzalloc(size_t size) { return vzalloc(size); }
+void dmss_vfree(void *p) { vfree(p); }

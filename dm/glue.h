@@ -1,0 +1,118 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * dm-shared-snap C glue: the small C surface the Rust binding layer (dm/mod.rs) calls.
+ * It owns the two target_type structures, forwards their callbacks into Rust, and wraps
+ * inline helpers and C structures (bio fields, dm-io, kcopyd, workqueue, wait queues)
+ * that Rust-for-Linux 6.12 does not expose.
+ */
+#ifndef DMSS_GLUE_H
+#define DMSS_GLUE_H
+
+#include <linux/types.h>
+
+struct dm_target;
+struct dm_dev;
+struct bio;
+struct dm_io_client;
+struct mutex;
+struct dmss_worker;
+struct dmss_inflight;
+struct dmss_copier;
+
+/* Bio classes reported by dmss_bio_kind(). */
+enum { DMSS_BIO_READ, DMSS_BIO_WRITE, DMSS_BIO_FLUSH, DMSS_BIO_DISCARD, DMSS_BIO_OTHER };
+/* Operations of dmss_io(). */
+enum { DMSS_IO_READ, DMSS_IO_WRITE, DMSS_IO_FLUSH };
+
+/* Implemented in Rust (kind 0: origin, 1: snapshot). */
+int dmss_rust_ctr(struct dm_target *ti, int kind, unsigned int argc, char **argv);
+void dmss_rust_dtr(struct dm_target *ti, int kind);
+int dmss_rust_map(struct dm_target *ti, int kind, struct bio *bio);
+void dmss_rust_end_io(struct dm_target *ti, int kind, struct bio *bio);
+void dmss_rust_status(struct dm_target *ti, int kind, int type, char *result, unsigned int maxlen);
+int dmss_rust_message(struct dm_target *ti, int kind, unsigned int argc, char **argv,
+		      char *result, unsigned int maxlen);
+void dmss_rust_presuspend(struct dm_target *ti, int kind);
+void dmss_rust_postsuspend(struct dm_target *ti, int kind);
+void dmss_rust_resume(struct dm_target *ti, int kind);
+struct dm_dev *dmss_rust_device(struct dm_target *ti, int kind, unsigned int idx);
+void dmss_rust_work(void *ctx);
+
+/* Registration. */
+int dmss_register(void);
+void dmss_unregister(void);
+
+/* dm_target. */
+void *dmss_ti_private(struct dm_target *ti);
+void dmss_ti_set_private(struct dm_target *ti, void *p);
+void dmss_ti_set_error(struct dm_target *ti, const char *msg);
+u64 dmss_ti_begin(struct dm_target *ti);
+u64 dmss_ti_len(struct dm_target *ti);
+int dmss_ti_setup(struct dm_target *ti, u32 max_io_len, unsigned int per_io_data_size,
+		  unsigned int num_flush_bios);
+u32 dmss_ti_devt(struct dm_target *ti);
+void dmss_ti_event(struct dm_target *ti);
+int dmss_ti_writable(struct dm_target *ti);
+
+/* Devices. */
+struct dm_dev *dmss_get_device(struct dm_target *ti, const char *path, int *err);
+void dmss_put_device(struct dm_target *ti, struct dm_dev *d);
+u64 dmss_dev_sectors(struct dm_dev *d);
+u32 dmss_dev_devt(struct dm_dev *d);
+const char *dmss_dev_name(struct dm_dev *d);
+
+/* Bios. */
+int dmss_bio_kind(struct bio *bio);
+u64 dmss_bio_sector(struct bio *bio);
+u32 dmss_bio_sectors(struct bio *bio);
+void dmss_bio_remap(struct bio *bio, struct dm_dev *d, u64 sector);
+void dmss_bio_endio(struct bio *bio, int err);
+void dmss_bio_submit(struct bio *bio);
+u64 *dmss_bio_pbd(struct bio *bio);
+
+/* Worker: a bio list and a work item on a WQ_MEM_RECLAIM workqueue. */
+struct dmss_worker *dmss_worker_create(void *ctx);
+void dmss_worker_destroy(struct dmss_worker *w);
+void dmss_worker_defer(struct dmss_worker *w, struct bio *bio);
+struct bio *dmss_worker_pop(struct dmss_worker *w);
+void dmss_worker_push_front(struct dmss_worker *w, struct bio *bio);
+void dmss_worker_kick(struct dmss_worker *w);
+void dmss_worker_flush(struct dmss_worker *w);
+
+/* A mutex with trylock. */
+struct mutex *dmss_mutex_create(void);
+void dmss_mutex_destroy(struct mutex *m);
+void dmss_mutex_lock(struct mutex *m);
+int dmss_mutex_trylock(struct mutex *m);
+void dmss_mutex_unlock(struct mutex *m);
+
+/* The registry lock (one global mutex). */
+void dmss_registry_lock(void);
+void dmss_registry_unlock(void);
+
+/* In-flight counter that can be waited on until zero. */
+struct dmss_inflight *dmss_inflight_create(void);
+void dmss_inflight_destroy(struct dmss_inflight *f);
+void dmss_inflight_inc(struct dmss_inflight *f);
+void dmss_inflight_dec(struct dmss_inflight *f);
+void dmss_inflight_wait_zero(struct dmss_inflight *f);
+
+/* Synchronous metadata I/O through dm-io. */
+struct dm_io_client *dmss_io_client_create(void);
+void dmss_io_client_destroy(struct dm_io_client *c);
+int dmss_io(struct dm_io_client *c, struct dm_dev *d, u64 sector, u32 count, void *buf, int op);
+
+/* Chunk copies through kcopyd, waited for as a batch. */
+struct dmss_copier *dmss_copier_create(void);
+void dmss_copier_destroy(struct dmss_copier *c);
+void dmss_copy(struct dmss_copier *c, struct dm_dev *src, u64 src_sector, struct dm_dev *dst,
+	       u64 dst_sector, u64 count);
+int dmss_copy_wait(struct dmss_copier *c);
+
+/* Misc. */
+u32 dmss_crc32c(const void *data, size_t len);
+u64 dmss_random_u64(void);
+void *dmss_vzalloc(size_t size);
+void dmss_vfree(void *p);
+
+#endif

@@ -1,0 +1,833 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! dm-shared-snap: device-mapper targets for many long-lived snapshots of one volume.
+//!
+//! `shared-snapshot-origin` maps the origin and owns the COW device, which holds ONE
+//! exception store shared by up to 64 snapshots; `shared-snapshot` maps one snapshot.  An
+//! origin write to a chunk still shared with snapshots copies the chunk once, whatever the
+//! number of snapshots, commits the new exception through the journal, and only then lets
+//! the write reach the origin.
+//!
+//! Concurrency: `map` never waits for I/O.  It answers from cached metadata under a try-lock
+//! and otherwise defers the bio to the origin's worker, which handles bios in batches: plan
+//! (metadata changes in memory), copy chunks (kcopyd), commit (one journal transaction for
+//! the batch), wait for snapshot reads still reading the origin, then release the bios.
+
+use core::fmt::Write;
+use kernel::prelude::*;
+use kernel::c_str;
+use kernel::sync::Arc;
+
+#[allow(dead_code, unreachable_pub, clippy::all)]
+mod btree;
+mod dm;
+#[allow(dead_code, unreachable_pub, clippy::all)]
+mod exception_store;
+#[allow(dead_code, unreachable_pub, clippy::all)]
+mod journal;
+
+use dm::{
+    Bio, BioKind, BioRef, CacheMemory, Copier, DevHandle, Device, EventHandle, Inflight, MapResult, MetaIo, Output,
+    Registry, StatusType, Target, TargetOps, TryMutex, Worker,
+};
+use exception_store::format::{Block, BlockIo, Error as StoreError, BLOCK_SIZE, MAX_SNAPSHOTS};
+use exception_store::superblock::{SNAP_INVALID, SNAP_LIVE};
+use exception_store::{FormatParams, OriginWrite, SnapWrite, Source, Store};
+
+module! {
+    type: DmSharedSnapModule,
+    name: "dm_shared_snap",
+    author: "dm-shared-snap developers",
+    description: "device-mapper shared snapshots: one exception store for up to 64 snapshots",
+    license: "GPL",
+}
+
+struct DmSharedSnapModule;
+
+impl kernel::Module for DmSharedSnapModule {
+    fn init(_module: &'static ThisModule) -> Result<Self> {
+        dm::register()?;
+        pr_info!("shared-snapshot targets registered\n");
+        Ok(DmSharedSnapModule)
+    }
+}
+
+impl Drop for DmSharedSnapModule {
+    fn drop(&mut self) {
+        dm::unregister();
+    }
+}
+
+type KStore = Store<MetaIo, CacheMemory>;
+
+/// Metadata blocks cached per origin (4 KiB each).
+const CACHE_BLOCKS: usize = 512;
+/// Bios handled per worker batch (one journal commit).
+const BATCH: usize = 32;
+/// Leaves visited per snapshot-deletion step.
+const DELETE_STEP_LEAVES: usize = 16;
+
+// Per-bio word: who the bio belongs to and which in-flight counter it holds.
+const TAG_WRITE_COUNTED: u64 = 1;
+const TAG_READ_COUNTED: u64 = 2;
+const TAG_SNAP: u64 = 1 << 8;
+const TAG_SLOT_SHIFT: u32 = 16;
+
+static ORIGINS: Registry<Shared, 32> = Registry::new();
+
+/// Mutable per-origin state, behind the origin's lock.
+struct State {
+    store: Option<KBox<KStore>>,
+    /// Why the COW device was given up (snapshots then fail; the origin keeps working).
+    failed: Option<&'static str>,
+    /// Active snapshot targets per slot.
+    snap_refs: [u32; MAX_SNAPSHOTS],
+}
+
+/// What is shared between an origin target, its worker and its snapshot targets.
+pub(crate) struct Shared {
+    // Dropped first: drains the worker while everything it uses is alive.
+    worker: Worker,
+    state: TryMutex<State>,
+    copier: Copier,
+    writes_inflight: Inflight,
+    snap_reads: Inflight,
+    event: EventHandle,
+    md_devt: u32,
+    chunk_sectors: u64,
+    chunk_shift: u32,
+    data_sector: u64,
+    origin_sectors: u64,
+    origin_h: DevHandle,
+    cow_h: DevHandle,
+    // Dropped last: every handle above refers to these.
+    origin: Device,
+    cow: Device,
+}
+
+/// The `shared-snapshot-origin` target.
+pub(crate) struct Origin {
+    shared: Arc<Shared>,
+}
+
+/// The `shared-snapshot` target.
+pub(crate) struct Snapshot {
+    shared: Arc<Shared>,
+    slot: usize,
+    id: u32,
+    origin_md: Device,
+}
+
+fn parse_u32(s: &CStr) -> Option<u32> {
+    let s = s.to_str().ok()?;
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+fn fail(t: &Target, msg: &'static CStr, e: Error) -> Error {
+    t.set_error(msg);
+    e
+}
+
+/// The errno and ti->error message for a store that cannot be opened.
+fn open_error(e: StoreError) -> (&'static CStr, Error) {
+    match e {
+        StoreError::NotAStore(_) => (c_str!("COW device holds no shared-snapshot store (foreign data, wrong version or truncated)"), EINVAL),
+        StoreError::Corrupt { .. } => (c_str!("COW device metadata is corrupt (see dmesg, run shsnap check)"), EINVAL),
+        StoreError::Io { .. } => (c_str!("I/O error reading the COW device"), EIO),
+        StoreError::Invalid(_) => (c_str!("COW device too small for a store"), EINVAL),
+        _ => (c_str!("cannot open the exception store"), EINVAL),
+    }
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    b.iter().all(|&x| x == 0)
+}
+
+impl Origin {
+    fn open_store(t: &Target, cow: &Device, chunk: u32) -> Result<KBox<KStore>> {
+        let mut io = MetaIo::new(cow)?;
+        let mem = CacheMemory::new(CACHE_BLOCKS)?;
+        let mut buf = KVec::from_elem(0u8, BLOCK_SIZE, GFP_KERNEL)?;
+        let block: &mut Block = (&mut buf[..]).try_into().map_err(|_| EINVAL)?;
+        if let Err(e) = io.read_block(0, block) {
+            pr_err!("{}: reading the COW superblock: {}\n", cow.name(), e);
+            return Err(fail(t, c_str!("I/O error reading the COW device"), EIO));
+        }
+        if is_zero(block) {
+            let p = FormatParams { chunk_sectors: chunk, store_id: dm::random_u64() | 1, uuid: [0; 16], meta_blocks: 0 };
+            if let Err(e) = exception_store::format(&mut io, &p, block) {
+                pr_err!("{}: formatting the COW device: {}\n", cow.name(), e);
+                let (m, e) = open_error(e);
+                return Err(fail(t, m, e));
+            }
+            pr_info!("{}: formatted a new exception store, chunk {} sectors\n", cow.name(), chunk);
+        }
+        match Store::open(io, mem) {
+            Ok(s) => {
+                if s.sb().layout.chunk_sectors != chunk {
+                    pr_err!("{}: store has chunk size {}, table says {}\n", cow.name(), s.sb().layout.chunk_sectors, chunk);
+                    return Err(fail(t, c_str!("chunk size differs from the one the COW device was formatted with"), EINVAL));
+                }
+                if s.replay.applied > 0 {
+                    pr_info!("{}: journal replay applied {} transactions\n", cow.name(), s.replay.applied);
+                }
+                Ok(KBox::new(s, GFP_KERNEL)?)
+            }
+            Err(e) => {
+                pr_err!("{}: cannot open exception store: {}\n", cow.name(), e);
+                let (m, e) = open_error(e);
+                Err(fail(t, m, e))
+            }
+        }
+    }
+}
+
+impl TargetOps for Origin {
+    fn ctr(t: &Target, args: &[&CStr]) -> Result<KBox<Self>> {
+        if args.len() < 3 {
+            return Err(fail(t, c_str!("expected <origin_dev> <cow_dev> <chunk_sectors> [<#features> <feature>...]"), EINVAL));
+        }
+        let Some(chunk) = parse_u32(args[2]) else {
+            return Err(fail(t, c_str!("invalid chunk size"), EINVAL));
+        };
+        if !chunk.is_power_of_two() || !(8..=2048).contains(&chunk) {
+            return Err(fail(t, c_str!("chunk size must be a power of two from 8 to 2048 sectors"), EINVAL));
+        }
+        if args.len() > 3 {
+            let Some(nf) = parse_u32(args[3]) else {
+                return Err(fail(t, c_str!("invalid feature count"), EINVAL));
+            };
+            if args.len() != 4 + nf as usize {
+                return Err(fail(t, c_str!("feature count does not match the arguments"), EINVAL));
+            }
+            if nf > 0 {
+                return Err(fail(t, c_str!("unknown feature"), EINVAL));
+            }
+        }
+        let origin = t.get_device(args[0]).map_err(|e| fail(t, c_str!("cannot open origin device"), e))?;
+        let cow = t.get_device(args[1]).map_err(|e| fail(t, c_str!("cannot open COW device"), e))?;
+        if origin.devt() == cow.devt() {
+            return Err(fail(t, c_str!("origin and COW device must differ"), EINVAL));
+        }
+        if t.len() > origin.sectors() {
+            return Err(fail(t, c_str!("target is larger than the origin device"), EINVAL));
+        }
+        let cow_devt = cow.devt();
+        if ORIGINS.any(|s| s.cow.devt() == cow_devt) {
+            return Err(fail(t, c_str!("COW device is in use by another origin"), EBUSY));
+        }
+        let store = Self::open_store(t, &cow, chunk)?;
+        let cache_bytes = store.mem().bytes();
+        t.setup(chunk, 1).map_err(|e| fail(t, c_str!("cannot set the maximum I/O size"), e))?;
+        let data_sector = store.sb().layout.chunk_sector(0);
+        let nsnaps = store.sb().live_mask().count_ones();
+        let usage = store.usage();
+        let shared = Arc::new(
+            Shared {
+                worker: Worker::new(),
+                state: TryMutex::new(State { store: Some(store), failed: None, snap_refs: [0; MAX_SNAPSHOTS] })?,
+                copier: Copier::new()?,
+                writes_inflight: Inflight::new()?,
+                snap_reads: Inflight::new()?,
+                event: t.event_handle(),
+                md_devt: t.devt(),
+                chunk_sectors: chunk as u64,
+                chunk_shift: chunk.trailing_zeros(),
+                data_sector,
+                origin_sectors: t.len(),
+                origin_h: origin.handle(),
+                cow_h: cow.handle(),
+                origin,
+                cow,
+            },
+            GFP_KERNEL,
+        )?;
+        shared.worker.start(&shared)?;
+        if let Err(e) = ORIGINS.insert(shared.md_devt, shared.clone()) {
+            shared.worker.shutdown();
+            return Err(fail(t, c_str!("this device already has an active shared-snapshot origin"), e));
+        }
+        pr_info!(
+            "origin {} on COW {}: {} snapshots, {}/{} chunks, {}/{} metadata blocks, cache {} KiB\n",
+            shared.origin.name(),
+            shared.cow.name(),
+            nsnaps,
+            usage.data_used,
+            usage.data_total,
+            usage.meta_used,
+            usage.meta_total,
+            cache_bytes / 1024
+        );
+        Ok(KBox::new(Origin { shared }, GFP_KERNEL)?)
+    }
+
+    fn dtr(self: KBox<Self>, _t: &Target) {
+        let sh = &self.shared;
+        sh.worker.shutdown();
+        ORIGINS.remove(sh.md_devt);
+        let mut st = sh.state.lock();
+        if let Some(store) = st.store.take() {
+            if st.failed.is_none() {
+                if let Err(e) = KBox::into_inner(store).close() {
+                    pr_err!("{}: closing the exception store: {}\n", sh.cow.name(), e);
+                }
+            }
+        }
+    }
+
+    fn map(&self, t: &Target, mut bio: Bio) -> MapResult {
+        let sh = &*self.shared;
+        bio.set_tag(0);
+        let off = bio.sector() - t.begin();
+        match bio.kind() {
+            BioKind::Read | BioKind::Flush => {
+                bio.remap(sh.origin_h, off);
+                MapResult::Remapped
+            }
+            BioKind::Write => {
+                let chunk = off >> sh.chunk_shift;
+                if let Some(mut guard) = sh.state.try_lock() {
+                    let st = &mut *guard;
+                    let unshared = match (&st.failed, st.store.as_mut()) {
+                        (None, Some(s)) => s.origin_sharers(chunk, true) == Ok(0),
+                        _ => true,
+                    };
+                    if unshared {
+                        bio.set_tag(TAG_WRITE_COUNTED);
+                        sh.writes_inflight.inc();
+                        bio.remap(sh.origin_h, off);
+                        return MapResult::Remapped;
+                    }
+                }
+                // Deferred bios carry their offset in the target as sector.
+                bio.remap(sh.origin_h, off);
+                sh.worker.defer(bio);
+                MapResult::Submitted
+            }
+            BioKind::Discard | BioKind::Other => MapResult::Kill,
+        }
+    }
+
+    fn end_io(&self, bio: &BioRef) {
+        self.shared.end_io(bio);
+    }
+
+    fn status(&self, ty: StatusType, out: &mut Output) {
+        let sh = &*self.shared;
+        match ty {
+            StatusType::Info => {
+                let st = sh.state.lock();
+                match (&st.failed, st.store.as_ref()) {
+                    (None, Some(s)) => {
+                        let u = s.usage();
+                        let sb = s.sb();
+                        let _ = write!(out, "{}/{} {}/{} {} ok ", u.data_used, u.data_total, u.meta_used, u.meta_total, sb.live_mask().count_ones());
+                        let mut any = false;
+                        for snap in sb.snaps.iter().filter(|x| x.flags & SNAP_LIVE != 0 && x.flags & SNAP_INVALID != 0) {
+                            let _ = write!(out, "{}{}", if any { "," } else { "invalid:" }, snap.id);
+                            any = true;
+                        }
+                        if !any {
+                            let _ = write!(out, "-");
+                        }
+                    }
+                    (why, _) => {
+                        let _ = write!(out, "- - - fail {}", why.unwrap_or("closed"));
+                    }
+                }
+            }
+            StatusType::Table => {
+                let _ = write!(out, "{} {} {}", sh.origin.name(), sh.cow.name(), sh.chunk_sectors);
+            }
+            StatusType::Other => {}
+        }
+    }
+
+    fn message(&self, _t: &Target, args: &[&CStr], out: &mut Output) -> Result {
+        let sh = &*self.shared;
+        let cmd = args.first().and_then(|a| a.to_str().ok()).unwrap_or("");
+        match (cmd, args.len()) {
+            ("create", 2) | ("delete", 2) => {
+                let Some(id) = parse_u32(args[1]) else {
+                    pr_err!("{}: invalid snapshot id\n", sh.origin.name());
+                    return Err(EINVAL);
+                };
+                let mut st = sh.state.lock();
+                let st = &mut *st;
+                if st.failed.is_some() {
+                    pr_err!("{}: COW device failed; snapshots unavailable\n", sh.origin.name());
+                    return Err(EIO);
+                }
+                let Some(store) = st.store.as_mut() else { return Err(EIO) };
+                if cmd == "create" {
+                    // Writes mapped straight through before this point must be on the origin
+                    // before the snapshot exists; new ones wait for the lock we hold.
+                    sh.writes_inflight.wait_zero();
+                    sh.create(store, id)
+                } else {
+                    let r = sh.delete(store, &st.snap_refs, id);
+                    sh.worker.kick();
+                    r
+                }
+            }
+            ("list", 1) => {
+                let st = sh.state.lock();
+                if let Some(s) = st.store.as_ref() {
+                    let mut first = true;
+                    for snap in s.sb().snaps.iter().filter(|x| x.flags & SNAP_LIVE != 0) {
+                        let _ = write!(out, "{}{}", if first { "" } else { " " }, snap.id);
+                        first = false;
+                    }
+                }
+                Ok(())
+            }
+            _ => {
+                pr_err!("{}: unknown message (expected create <id>, delete <id> or list)\n", sh.origin.name());
+                Err(EINVAL)
+            }
+        }
+    }
+
+    fn postsuspend(&self) {
+        let sh = &*self.shared;
+        sh.worker.flush();
+        let mut st = sh.state.lock();
+        if st.failed.is_none() {
+            if let Some(s) = st.store.as_mut() {
+                if let Err(e) = s.commit() {
+                    pr_err!("{}: commit at suspend: {}\n", sh.cow.name(), e);
+                }
+            }
+        }
+    }
+
+    fn resume(&self) {
+        self.shared.worker.kick();
+    }
+
+    fn device(&self, idx: u32) -> Option<DevHandle> {
+        match idx {
+            0 => Some(self.shared.origin_h),
+            1 => Some(self.shared.cow_h),
+            _ => None,
+        }
+    }
+}
+
+/// Result of planning one deferred bio.
+enum Action {
+    /// Origin write; copy the chunk to this COW chunk first.
+    OriginWrite(Option<u64>),
+    /// Snapshot read from here.
+    SnapRead(Source),
+    /// Snapshot write to COW chunk `dst`, after copying `from` there.
+    SnapWrite { dst: u64, from: Option<Source> },
+    /// Complete with this errno.
+    Fail(Error),
+}
+
+struct Item {
+    bio: Bio,
+    off: u64,
+    action: Action,
+}
+
+impl Shared {
+    fn chunk_of(&self, off: u64) -> u64 {
+        off >> self.chunk_shift
+    }
+
+    fn cow_sector(&self, cow_chunk: u64, off: u64) -> u64 {
+        self.data_sector + (cow_chunk << self.chunk_shift) + (off & (self.chunk_sectors - 1))
+    }
+
+    fn end_io(&self, bio: &BioRef) {
+        let tag = bio.tag();
+        if tag & TAG_WRITE_COUNTED != 0 {
+            self.writes_inflight.dec();
+        }
+        if tag & TAG_READ_COUNTED != 0 {
+            self.snap_reads.dec();
+        }
+    }
+
+    fn create(&self, store: &mut KStore, id: u32) -> Result {
+        let r = match store.create_snapshot(id) {
+            Err(StoreError::TxFull) => store.commit().and_then(|_| store.create_snapshot(id)),
+            r => r,
+        };
+        match r.and_then(|_| store.commit()) {
+            Ok(()) => {
+                pr_info!("{}: created snapshot {}\n", self.origin.name(), id);
+                Ok(())
+            }
+            Err(e) => {
+                pr_err!("{}: cannot create snapshot {}: {}\n", self.origin.name(), id, e);
+                Err(match e {
+                    StoreError::DuplicateId => EEXIST,
+                    StoreError::TooManySnapshots => ENOSPC,
+                    _ => EIO,
+                })
+            }
+        }
+    }
+
+    fn delete(&self, store: &mut KStore, refs: &[u32; MAX_SNAPSHOTS], id: u32) -> Result {
+        if let Some(slot) = store.sb().slot_of(id) {
+            if refs[slot] > 0 {
+                pr_err!("{}: snapshot {} has an active device; remove it first\n", self.origin.name(), id);
+                return Err(EBUSY);
+            }
+        }
+        let r = match store.delete_snapshot(id) {
+            Err(StoreError::TxFull) => store.commit().and_then(|_| store.delete_snapshot(id)),
+            r => r,
+        };
+        match r.and_then(|_| store.commit()) {
+            Ok(()) => {
+                pr_info!("{}: deleted snapshot {}\n", self.origin.name(), id);
+                Ok(())
+            }
+            Err(e) => {
+                pr_err!("{}: cannot delete snapshot {}: {}\n", self.origin.name(), id, e);
+                Err(if e == StoreError::NoSuchSnapshot { ENOENT } else { EIO })
+            }
+        }
+    }
+
+    /// Gives up on the COW device: snapshots fail from now on, the origin keeps working.
+    fn give_up(&self, st: &mut State, why: &'static str, e: StoreError) {
+        if st.failed.is_none() {
+            pr_err!("{}: {} ({}); all snapshots of {} are now invalid\n", self.cow.name(), why, e, self.origin.name());
+            st.failed = Some(why);
+            self.event.raise();
+        }
+    }
+
+    fn plan(&self, st: &mut State, bio: &Bio, off: u64) -> core::result::Result<Action, StoreError> {
+        let tag = bio.tag();
+        let chunk = self.chunk_of(off);
+        let snap = tag & TAG_SNAP != 0;
+        if st.failed.is_some() || st.store.is_none() {
+            return Ok(if snap { Action::Fail(EIO) } else { Action::OriginWrite(None) });
+        }
+        let Some(store) = st.store.as_mut() else { return Ok(Action::Fail(EIO)) };
+        if !snap {
+            return match store.origin_write(chunk) {
+                Ok(OriginWrite::NoCopy) => Ok(Action::OriginWrite(None)),
+                Ok(OriginWrite::Copy(c)) => Ok(Action::OriginWrite(Some(c))),
+                Ok(OriginWrite::Invalidated(mask)) => {
+                    pr_err!("{}: COW device full: invalidated snapshot slots {:#x}\n", self.cow.name(), mask);
+                    self.event.raise();
+                    Ok(Action::OriginWrite(None))
+                }
+                Err(StoreError::TxFull) => Err(StoreError::TxFull),
+                Err(e) => {
+                    self.give_up(st, "metadata error on origin write", e);
+                    Ok(Action::OriginWrite(None))
+                }
+            };
+        }
+        let slot = ((tag >> TAG_SLOT_SHIFT) & 63) as usize;
+        if bio.kind() == BioKind::Read {
+            return match store.lookup(chunk, slot, false) {
+                Ok(src) => Ok(Action::SnapRead(src)),
+                Err(StoreError::SnapshotInvalid) | Err(StoreError::NoSuchSnapshot) => Ok(Action::Fail(EIO)),
+                Err(e) => {
+                    self.give_up(st, "metadata error on snapshot read", e);
+                    Ok(Action::Fail(EIO))
+                }
+            };
+        }
+        match store.snapshot_write(chunk, slot) {
+            Ok(SnapWrite::InPlace(c)) => Ok(Action::SnapWrite { dst: c, from: None }),
+            Ok(SnapWrite::Copy { from, to }) => {
+                let whole = bio.sectors() as u64 == self.chunk_sectors;
+                Ok(Action::SnapWrite { dst: to, from: if whole { None } else { Some(from) } })
+            }
+            Err(StoreError::TxFull) => Err(StoreError::TxFull),
+            Err(StoreError::NoDataSpace) => {
+                pr_err!("{}: COW device full: snapshot slot {} invalidated\n", self.cow.name(), slot);
+                self.event.raise();
+                Ok(Action::Fail(EIO))
+            }
+            Err(StoreError::SnapshotInvalid) | Err(StoreError::NoSuchSnapshot) => Ok(Action::Fail(EIO)),
+            Err(e) => {
+                self.give_up(st, "metadata error on snapshot write", e);
+                Ok(Action::Fail(EIO))
+            }
+        }
+    }
+
+    /// Plans, copies, commits and releases one batch.  Returns false when the queue is empty.
+    fn run_batch(&self, st: &mut State) -> bool {
+        let mut items: [Option<Item>; BATCH] = [const { None }; BATCH];
+        let mut n = 0;
+        while n < BATCH {
+            let Some(bio) = self.worker.pop() else { break };
+            let off = bio.sector();
+            let chunk = self.chunk_of(off);
+            // One bio per chunk per batch: copies within a batch never depend on each other.
+            if items[..n].iter().flatten().any(|it| self.chunk_of(it.off) == chunk) {
+                self.worker.push_front(bio);
+                break;
+            }
+            match self.plan(st, &bio, off) {
+                Ok(action) => {
+                    items[n] = Some(Item { bio, off, action });
+                    n += 1;
+                }
+                Err(_) if n > 0 => {
+                    // Transaction full: finish this batch first.
+                    self.worker.push_front(bio);
+                    break;
+                }
+                Err(_) => {
+                    self.worker.push_front(bio);
+                    if let Some(s) = st.store.as_mut() {
+                        if let Err(e) = s.commit() {
+                            self.give_up(st, "journal commit failed", e);
+                        }
+                    }
+                }
+            }
+        }
+        if n == 0 {
+            return false;
+        }
+        let mut copying = false;
+        let mut origin_writes = false;
+        for it in items[..n].iter().flatten() {
+            let chunk = self.chunk_of(it.off);
+            match it.action {
+                Action::OriginWrite(c) => {
+                    origin_writes = true;
+                    if let Some(c) = c {
+                        self.copier.copy(self.origin_h, chunk << self.chunk_shift, self.cow_h, self.cow_sector(c, 0), self.chunk_sectors);
+                        copying = true;
+                    }
+                }
+                Action::SnapWrite { dst, from: Some(src) } => {
+                    let (dev, s) = match src {
+                        Source::Origin => (self.origin_h, chunk << self.chunk_shift),
+                        Source::Cow(c) => (self.cow_h, self.cow_sector(c, 0)),
+                    };
+                    self.copier.copy(dev, s, self.cow_h, self.cow_sector(dst, 0), self.chunk_sectors);
+                    copying = true;
+                }
+                _ => {}
+            }
+        }
+        if copying && self.copier.wait().is_err() {
+            self.give_up(st, "copy to the COW device failed", StoreError::Io { block: u64::MAX });
+        }
+        if st.failed.is_none() {
+            if let Some(s) = st.store.as_mut() {
+                if let Err(e) = s.commit() {
+                    self.give_up(st, "journal commit failed", e);
+                }
+            }
+        }
+        if origin_writes {
+            // Snapshot reads still reading the origin must finish before it changes.
+            self.snap_reads.wait_zero();
+        }
+        let failed = st.failed.is_some();
+        for it in items[..n].iter_mut() {
+            let Some(Item { mut bio, off, action }) = it.take() else { continue };
+            match action {
+                Action::OriginWrite(_) => {
+                    bio.remap(self.origin_h, off);
+                    bio.submit();
+                }
+                Action::Fail(e) => bio.endio(e.to_errno()),
+                _ if failed => bio.endio(EIO.to_errno()),
+                Action::SnapRead(Source::Origin) => {
+                    bio.set_tag(bio.tag() | TAG_READ_COUNTED);
+                    self.snap_reads.inc();
+                    bio.remap(self.origin_h, off);
+                    bio.submit();
+                }
+                Action::SnapRead(Source::Cow(c)) | Action::SnapWrite { dst: c, .. } => {
+                    bio.remap(self.cow_h, self.cow_sector(c, off));
+                    bio.submit();
+                }
+            }
+        }
+        true
+    }
+
+    /// Runs one bounded step of snapshot deletion; returns true if more remains.
+    fn delete_step(&self, st: &mut State) -> bool {
+        if st.failed.is_some() {
+            return false;
+        }
+        let Some(s) = st.store.as_mut() else { return false };
+        if !s.delete_pending() {
+            return false;
+        }
+        let r = s.delete_step(DELETE_STEP_LEAVES).and_then(|more| s.commit().map(|_| more));
+        match r {
+            Ok(more) => more,
+            Err(e) => {
+                self.give_up(st, "snapshot deletion failed", e);
+                false
+            }
+        }
+    }
+
+    /// The worker's entry point.
+    pub(crate) fn work(&self) {
+        loop {
+            let mut st = self.state.lock();
+            if !self.run_batch(&mut st) {
+                let more = self.delete_step(&mut st);
+                drop(st);
+                if more {
+                    self.worker.kick();
+                }
+                return;
+            }
+        }
+    }
+}
+
+impl TargetOps for Snapshot {
+    fn ctr(t: &Target, args: &[&CStr]) -> Result<KBox<Self>> {
+        if args.len() != 2 {
+            return Err(fail(t, c_str!("expected <origin_dev> <snap_id>"), EINVAL));
+        }
+        let Some(id) = parse_u32(args[1]) else {
+            return Err(fail(t, c_str!("invalid snapshot id"), EINVAL));
+        };
+        let origin_md = t.get_device(args[0]).map_err(|e| fail(t, c_str!("cannot open origin device"), e))?;
+        let Some(shared) = ORIGINS.get(origin_md.devt()) else {
+            return Err(fail(t, c_str!("device is not an active shared-snapshot origin"), ENODEV));
+        };
+        if t.len() > shared.origin_sectors {
+            return Err(fail(t, c_str!("snapshot is larger than its origin"), EINVAL));
+        }
+        let slot = {
+            let mut st = shared.state.lock();
+            if st.failed.is_some() {
+                return Err(fail(t, c_str!("the origin's COW device has failed"), EIO));
+            }
+            let Some(slot) = st.store.as_ref().and_then(|s| s.sb().slot_of(id)) else {
+                return Err(fail(t, c_str!("no such snapshot"), ENOENT));
+            };
+            st.snap_refs[slot] += 1;
+            slot
+        };
+        t.setup(shared.chunk_sectors as u32, 1).map_err(|e| fail(t, c_str!("cannot set the maximum I/O size"), e))?;
+        Ok(KBox::new(Snapshot { shared, slot, id, origin_md }, GFP_KERNEL)?)
+    }
+
+    fn dtr(self: KBox<Self>, _t: &Target) {
+        let mut st = self.shared.state.lock();
+        st.snap_refs[self.slot] = st.snap_refs[self.slot].saturating_sub(1);
+    }
+
+    fn map(&self, t: &Target, mut bio: Bio) -> MapResult {
+        let sh = &*self.shared;
+        let tag = TAG_SNAP | ((self.slot as u64) << TAG_SLOT_SHIFT);
+        bio.set_tag(tag);
+        let off = bio.sector() - t.begin();
+        let kind = bio.kind();
+        match kind {
+            BioKind::Flush => {
+                bio.remap(sh.cow_h, 0);
+                return MapResult::Remapped;
+            }
+            BioKind::Read | BioKind::Write => {}
+            _ => return MapResult::Kill,
+        }
+        let chunk = sh.chunk_of(off);
+        if let Some(mut st) = sh.state.try_lock() {
+            if st.failed.is_some() {
+                return MapResult::Kill;
+            }
+            if let Some(s) = st.store.as_mut() {
+                let bit = 1u64 << self.slot;
+                let fast = if kind == BioKind::Read {
+                    match s.lookup(chunk, self.slot, true) {
+                        Ok(src) => Some(src),
+                        Err(StoreError::SnapshotInvalid) | Err(StoreError::NoSuchSnapshot) => return MapResult::Kill,
+                        Err(_) => None,
+                    }
+                } else {
+                    // Only a chunk this snapshot owns alone can be written without the worker.
+                    let mut own = None;
+                    let r = s.exceptions_of(chunk, true, |e| {
+                        if e.share == bit {
+                            own = Some(Source::Cow(e.cow));
+                        }
+                    });
+                    if r.is_ok() && s.sb().snaps[self.slot].flags & SNAP_INVALID == 0 {
+                        own
+                    } else {
+                        None
+                    }
+                };
+                match fast {
+                    Some(Source::Origin) => {
+                        bio.set_tag(tag | TAG_READ_COUNTED);
+                        sh.snap_reads.inc();
+                        bio.remap(sh.origin_h, off);
+                        return MapResult::Remapped;
+                    }
+                    Some(Source::Cow(c)) => {
+                        bio.remap(sh.cow_h, sh.cow_sector(c, off));
+                        return MapResult::Remapped;
+                    }
+                    None => {}
+                }
+            }
+        }
+        // Deferred bios carry their offset in the target as sector.
+        bio.remap(sh.origin_h, off);
+        sh.worker.defer(bio);
+        MapResult::Submitted
+    }
+
+    fn end_io(&self, bio: &BioRef) {
+        self.shared.end_io(bio);
+    }
+
+    fn status(&self, ty: StatusType, out: &mut Output) {
+        match ty {
+            StatusType::Info => {
+                let st = self.shared.state.lock();
+                let slot = st.store.as_ref().map(|s| s.sb().snaps[self.slot]);
+                match slot {
+                    Some(s) if st.failed.is_none() && s.flags & SNAP_INVALID == 0 => {
+                        let _ = write!(out, "active {}", s.owned);
+                    }
+                    Some(s) => {
+                        let _ = write!(out, "invalid {}", s.owned);
+                    }
+                    None => {
+                        let _ = write!(out, "invalid 0");
+                    }
+                }
+            }
+            StatusType::Table => {
+                let _ = write!(out, "{} {}", self.origin_md.name(), self.id);
+            }
+            StatusType::Other => {}
+        }
+    }
+
+    fn message(&self, _t: &Target, _args: &[&CStr], _out: &mut Output) -> Result {
+        Err(EINVAL)
+    }
+
+    fn device(&self, idx: u32) -> Option<DevHandle> {
+        match idx {
+            0 => Some(self.origin_md.handle()),
+            _ => None,
+        }
+    }
+}
