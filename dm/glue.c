@@ -69,7 +69,7 @@ DMSS_TARGET_FNS(1, snap)
 }
 
 static struct target_type dmss_targets[2] = {
-	DMSS_TARGET(origin, "shared-snapshot-origin"),
+	DMSS_TARGET(origin, "shared-origin"),
 	DMSS_TARGET(snap, "shared-snapshot"),
 };
 

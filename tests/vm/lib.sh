@@ -1,0 +1,58 @@
+# Helpers for VM tests (sourced inside the guest).  Each test counts checks and ends with
+# "N passed, M failed"; a failed check makes the script exit non-zero.
+set -u
+export DM_DISABLE_UDEV=1
+PASSED=0
+FAILED=0
+REPO=${REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
+MODULE=$REPO/dm-shared-snap.ko
+SHSNAP=${SHSNAP:-$REPO/target/release/shsnap}
+
+pass() { PASSED=$((PASSED + 1)); echo "  ok   $*"; }
+fail() { FAILED=$((FAILED + 1)); echo "  FAIL $*"; }
+check() { # check "description" command...
+    local what=$1; shift
+    if "$@" > /tmp/check.out 2>&1; then pass "$what"; else fail "$what"; sed 's/^/       /' /tmp/check.out | tail -5; fi
+}
+check_fails() { # the command must fail
+    local what=$1; shift
+    if "$@" > /tmp/check.out 2>&1; then fail "$what (succeeded)"; else pass "$what"; fi
+}
+section() { echo "== $*"; }
+
+setup_guest() {
+    mountpoint -q /sys/kernel/debug || mount -t debugfs none /sys/kernel/debug 2>/dev/null || true
+    [ -w /sys/kernel/debug/kmemleak ] && echo clear > /sys/kernel/debug/kmemleak
+    dmesg -C
+    modprobe dm-mod 2>/dev/null || true
+    insmod "$MODULE" || { echo "insmod failed"; exit 1; }
+}
+
+mapper_nodes() { dmsetup mknodes >/dev/null 2>&1 || true; }
+
+# Fails the check if the kernel log shows a bug, a warning, a lockdep report or a leak.
+check_dmesg() {
+    local what=${1:-dmesg clean}
+    if dmesg | grep -E 'BUG:|Oops|WARNING:|possible circular locking|possible recursive locking|INFO: task .* blocked|kernel BUG|general protection|UBSAN|KASAN|refcount_t' > /tmp/dmesg.bad; then
+        fail "$what"; sed 's/^/       /' /tmp/dmesg.bad | head -20; dmesg | tail -40 | sed 's/^/       /'
+    else
+        pass "$what"
+    fi
+}
+
+check_kmemleak() {
+    local k=/sys/kernel/debug/kmemleak
+    [ -w $k ] || { echo "  (kmemleak not available)"; return 0; }
+    sleep 6
+    echo scan > $k; sleep 1; echo scan > $k
+    if grep -A30 unreferenced $k | grep -qE 'dmss_|dm_shared_snap|shared_snap'; then
+        fail "kmemleak: module leaks"; grep -A30 unreferenced $k | head -60 | sed 's/^/       /'
+    else
+        pass "kmemleak: no leak from the module"
+    fi
+}
+
+finish() {
+    echo "$PASSED passed, $FAILED failed"
+    [ "$FAILED" -eq 0 ]
+}
