@@ -1,0 +1,28 @@
+#!/bin/bash
+# Quick snapshot check: origin, 3 snapshots, writes, reads, status.
+. "$(dirname "$0")/lib.sh"
+setup_guest
+SZ=$(blockdev --getsz /dev/vda)
+dmsetup create so --table "0 $SZ shared-origin /dev/vda /dev/vdb 16"; mapper_nodes
+dd if=/dev/urandom of=/tmp/a bs=1M count=8 status=none
+dd if=/tmp/a of=/dev/mapper/so bs=1M oflag=direct status=none
+check "create 1" dmsetup message so 0 create 1
+dmsetup create s1 --table "0 $SZ shared-snapshot /dev/mapper/so 1"; mapper_nodes
+dd if=/dev/urandom of=/tmp/b bs=1M count=8 status=none
+check "origin write after snapshot" dd if=/tmp/b of=/dev/mapper/so bs=1M oflag=direct status=none
+check "origin has new data" cmp <(dd if=/dev/mapper/so bs=1M count=8 iflag=direct status=none) /tmp/b
+check "snapshot has old data" cmp <(dd if=/dev/mapper/s1 bs=1M count=8 iflag=direct status=none) /tmp/a
+dmsetup status so; dmsetup status s1; dmsetup message so 0 list
+check "snapshot write" dd if=/tmp/b of=/dev/mapper/s1 bs=4k count=100 oflag=direct status=none
+check "snapshot reads its write" cmp <(dd if=/dev/mapper/s1 bs=4k count=100 iflag=direct status=none) <(dd if=/tmp/b bs=4k count=100 status=none)
+check "snapshot rest unchanged" cmp <(dd if=/dev/mapper/s1 bs=4k skip=100 count=1948 iflag=direct status=none) <(dd if=/tmp/a bs=4k skip=100 count=1948 status=none)
+check "origin unchanged by snapshot write" cmp <(dd if=/dev/mapper/so bs=1M count=8 iflag=direct status=none) /tmp/b
+dmsetup status so; dmsetup status s1
+check_fails "delete of active snapshot refused" dmsetup message so 0 delete 1
+check "remove s1" dmsetup remove s1
+check "delete 1" dmsetup message so 0 delete 1
+check "remove origin" dmsetup remove so
+check "rmmod" rmmod dm_shared_snap
+check_dmesg
+dmesg | grep -i shared | tail
+finish
