@@ -1,1 +1,206 @@
-fn main() {}
+//! `shsnap`: offline tools for a dm-shared-snap COW device, in the spirit of
+//! thin-provisioning-tools: format, check, dump, delta.
+
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+use shsnap_core::check::{self, Report};
+use shsnap_core::exception_store::format::BLOCK_SIZE;
+use shsnap_core::exception_store::{format, FormatParams};
+use shsnap_core::host::FileDev;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "shsnap", version, about = "Tools for dm-shared-snap COW devices")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Write a new, empty exception store (destroys what the device holds).
+    Format {
+        /// Chunk size in 512-byte sectors (power of two, 8 to 2048).
+        #[arg(long, default_value_t = 16)]
+        chunk_sectors: u32,
+        /// Metadata area size in 4 KiB blocks (default: about 1/32 of the chunks).
+        #[arg(long, default_value_t = 0)]
+        meta_blocks: u64,
+        /// The COW device or image.
+        dev: String,
+    },
+    /// Check checksums, btree, bitmaps, space accounting and journal; exit 0 only if clean.
+    Check {
+        /// Machine-readable report.
+        #[arg(long)]
+        json: bool,
+        /// The COW device or image.
+        dev: String,
+    },
+    /// Print the superblock, snapshots and every exception.
+    Dump {
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// The COW device or image.
+        dev: String,
+    },
+    /// Chunk ranges whose content differs between snapshot A and snapshot B (or "origin").
+    Delta {
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// The COW device or image.
+        dev: String,
+        /// Snapshot id.
+        a: String,
+        /// Snapshot id, or "origin".
+        b: String,
+    },
+}
+
+fn open(dev: &str, readonly: bool) -> Result<FileDev, ExitCode> {
+    FileDev::open(dev, readonly).map_err(|e| {
+        eprintln!("shsnap: {}: {}", dev, e);
+        ExitCode::from(2)
+    })
+}
+
+fn print_errors(r: &Report) {
+    for e in &r.errors {
+        eprintln!("error: {}", e);
+    }
+}
+
+#[derive(Serialize)]
+struct DumpOut<'a> {
+    report: &'a Report,
+    exceptions: Vec<DumpException>,
+}
+
+#[derive(Serialize)]
+struct DumpException {
+    chunk: u64,
+    cow: u64,
+    share: String,
+    snapshots: Vec<u32>,
+}
+
+#[derive(Serialize)]
+struct DeltaOut {
+    chunk_sectors: u32,
+    ranges: Vec<(u64, u64)>,
+    chunks: u64,
+}
+
+fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
+    match cli.cmd {
+        Cmd::Format { chunk_sectors, meta_blocks, dev } => {
+            let mut d = open(&dev, false)?;
+            let mut scratch = [0u8; BLOCK_SIZE];
+            let p = FormatParams { chunk_sectors, store_id: rand::random::<u64>() | 1, uuid: rand::random(), meta_blocks };
+            match format(&mut d, &p, &mut scratch) {
+                Ok(sb) => {
+                    println!(
+                        "formatted {}: chunk {} sectors, {} data chunks, {} metadata blocks, journal {} blocks",
+                        dev, chunk_sectors, sb.layout.data_chunks, sb.layout.meta_blocks, sb.layout.journal_blocks
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("shsnap: format {}: {}", dev, e);
+                    Err(ExitCode::from(1))
+                }
+            }
+        }
+        Cmd::Check { json, dev } => {
+            let (r, _) = check::check(open(&dev, true)?);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r).unwrap());
+            } else {
+                print_errors(&r);
+                println!(
+                    "{}: {} ({} snapshots, {} exceptions, depth {}, data {}/{}, metadata {}/{}, journal transactions replayed {}, {})",
+                    dev,
+                    if r.errors.is_empty() { "clean" } else { "CORRUPT" },
+                    r.snapshots.len(),
+                    r.exceptions,
+                    r.depth,
+                    r.data_used,
+                    r.data_total,
+                    r.meta_used,
+                    r.meta_total,
+                    r.replayed,
+                    if r.clean { "closed cleanly" } else { "not closed cleanly" }
+                );
+            }
+            Ok(if r.errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Cmd::Dump { json, dev } => {
+            let (r, map) = check::check(open(&dev, true)?);
+            let Some((sb, map)) = map else {
+                print_errors(&r);
+                return Err(ExitCode::from(1));
+            };
+            let ids = |share: u64| -> Vec<u32> {
+                (0..64).filter(|i| share & (1 << i) != 0 && sb.snaps[*i].flags != 0).map(|i| sb.snaps[i].id).collect()
+            };
+            if json {
+                let exceptions = map
+                    .values()
+                    .flatten()
+                    .map(|e| DumpException { chunk: e.chunk, cow: e.cow, share: format!("{:#x}", e.share), snapshots: ids(e.share) })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&DumpOut { report: &r, exceptions }).unwrap());
+            } else {
+                println!("chunk_sectors {} data {}/{} metadata {}/{} depth {}", r.chunk_sectors, r.data_used, r.data_total, r.meta_used, r.meta_total, r.depth);
+                for s in &r.snapshots {
+                    println!("snapshot id {} slot {} {} seq {} owned {}", s.id, s.slot, s.state, s.create_seq, s.owned);
+                }
+                for e in map.values().flatten() {
+                    println!("exception chunk {} cow {} share {:#018x} snapshots {:?}", e.chunk, e.cow, e.share, ids(e.share));
+                }
+                print_errors(&r);
+            }
+            Ok(if r.errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Cmd::Delta { json, dev, a, b } => {
+            let (r, map) = check::check(open(&dev, true)?);
+            let Some((sb, map)) = map else {
+                print_errors(&r);
+                return Err(ExitCode::from(1));
+            };
+            let slot = |s: &str| -> Result<Option<usize>, ExitCode> {
+                if s == "origin" {
+                    return Ok(None);
+                }
+                let id: u32 = s.parse().map_err(|_| {
+                    eprintln!("shsnap: {}: not a snapshot id", s);
+                    ExitCode::from(2)
+                })?;
+                sb.slot_of(id).map(Some).ok_or_else(|| {
+                    eprintln!("shsnap: no live snapshot {}", id);
+                    ExitCode::from(2)
+                })
+            };
+            let ranges = check::delta(&map, slot(&a)?, slot(&b)?);
+            let chunks = ranges.iter().map(|(s, e)| e - s).sum();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&DeltaOut { chunk_sectors: r.chunk_sectors, ranges, chunks }).unwrap());
+            } else {
+                let cs = r.chunk_sectors as u64;
+                for (s, e) in &ranges {
+                    println!("chunks {}-{} sectors {}-{}", s, e - 1, s * cs, e * cs - 1);
+                }
+                println!("{} chunks differ ({} KiB)", chunks, chunks * cs / 2);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(c) | Err(c) => c,
+    }
+}
