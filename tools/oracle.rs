@@ -1,0 +1,158 @@
+//! `shsnap-oracle`: the data oracle of the VM tests.  It writes recognisable 4 KiB blocks to
+//! block devices with O_DIRECT and keeps a model of what every device (origin, snapshots)
+//! must read; `verify` compares a device with its model block by block.
+//!
+//! Block content: the block's tag (u64) and index (u64), then a fill derived from both;
+//! tag 0 means "never written" and reads as zeros.
+
+use clap::{Parser, Subcommand};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::process::ExitCode;
+
+const BS: usize = 4096;
+const O_DIRECT: i32 = 0o40000;
+
+#[derive(Parser)]
+#[command(name = "shsnap-oracle", about = "Data oracle for dm-shared-snap VM tests")]
+struct Cli {
+    /// Model file.
+    #[arg(long, default_value = "/tmp/oracle.json")]
+    state: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start a model: device NAME of BLOCKS blocks, all zeros.
+    Init { name: String, blocks: u64 },
+    /// NAME2 starts as a copy of NAME (a snapshot of it).
+    Clone { name: String, name2: String },
+    /// Forget NAME.
+    Drop { name: String },
+    /// COUNT random writes of 1..=MAX blocks to DEV, recorded under NAME.
+    Write {
+        name: String,
+        dev: String,
+        #[arg(long, default_value_t = 20)]
+        count: u64,
+        #[arg(long, default_value_t = 16)]
+        max: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Check that DEV reads exactly what the model of NAME says.
+    Verify { name: String, dev: String },
+}
+
+#[repr(C, align(4096))]
+struct Aligned([u8; BS * 64]);
+
+fn fill(buf: &mut [u8], tag: u64, idx: u64) {
+    if tag == 0 {
+        buf.fill(0);
+        return;
+    }
+    buf[..8].copy_from_slice(&tag.to_le_bytes());
+    buf[8..16].copy_from_slice(&idx.to_le_bytes());
+    let mut x = tag ^ idx.rotate_left(32) ^ 0x9e37_79b9_7f4a_7c15;
+    for c in buf[16..].chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
+    }
+}
+
+type Model = BTreeMap<String, Vec<u64>>;
+
+fn load(p: &str) -> Model {
+    std::fs::read(p).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+}
+
+fn save(p: &str, m: &Model) {
+    std::fs::write(p, serde_json::to_vec(m).unwrap()).unwrap();
+}
+
+fn open(dev: &str, write: bool) -> File {
+    OpenOptions::new().read(true).write(write).custom_flags(O_DIRECT).open(dev).unwrap_or_else(|e| {
+        eprintln!("shsnap-oracle: {}: {}", dev, e);
+        std::process::exit(2)
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut m = load(&cli.state);
+    let mut buf = Box::new(Aligned([0; BS * 64]));
+    match cli.cmd {
+        Cmd::Init { name, blocks } => {
+            m.insert(name, vec![0; blocks as usize]);
+        }
+        Cmd::Clone { name, name2 } => {
+            let v = m.get(&name).expect("no such model").clone();
+            m.insert(name2, v);
+        }
+        Cmd::Drop { name } => {
+            m.remove(&name);
+        }
+        Cmd::Write { name, dev, count, max, seed } => {
+            let f = open(&dev, true);
+            // Tags are unique across runs: seed and a counter.
+            let mut rng = SmallRng::seed_from_u64(seed ^ (std::process::id() as u64) << 32);
+            let v = m.get_mut(&name).expect("no such model");
+            let n = v.len() as u64;
+            for _ in 0..count {
+                let len = rng.gen_range(1..=max.min(64).min(n));
+                let start = rng.gen_range(0..=n - len);
+                let tag = rng.gen::<u64>() | 1;
+                for i in 0..len {
+                    fill(&mut buf.0[i as usize * BS..(i as usize + 1) * BS], tag, start + i);
+                }
+                f.write_all_at(&buf.0[..len as usize * BS], start * BS as u64).unwrap_or_else(|e| {
+                    eprintln!("shsnap-oracle: write {} at block {}: {}", dev, start, e);
+                    std::process::exit(1)
+                });
+                for i in 0..len {
+                    v[(start + i) as usize] = tag;
+                }
+            }
+        }
+        Cmd::Verify { name, dev } => {
+            let f = open(&dev, false);
+            let v = m.get(&name).expect("no such model");
+            let mut want = vec![0u8; BS];
+            let mut bad = 0u64;
+            let mut i = 0usize;
+            while i < v.len() {
+                let n = (v.len() - i).min(64);
+                if let Err(e) = f.read_exact_at(&mut buf.0[..n * BS], (i * BS) as u64) {
+                    eprintln!("shsnap-oracle: read {} at block {}: {}", dev, i, e);
+                    return ExitCode::from(1);
+                }
+                for k in 0..n {
+                    fill(&mut want, v[i + k], (i + k) as u64);
+                    if buf.0[k * BS..(k + 1) * BS] != want[..] {
+                        if bad < 5 {
+                            let got = u64::from_le_bytes(buf.0[k * BS..k * BS + 8].try_into().unwrap());
+                            eprintln!("{}: block {}: expected tag {:#x}, read tag {:#x}", name, i + k, v[i + k], got);
+                        }
+                        bad += 1;
+                    }
+                }
+                i += n;
+            }
+            if bad > 0 {
+                eprintln!("{}: {} of {} blocks wrong", name, bad, v.len());
+                return ExitCode::from(1);
+            }
+            return ExitCode::SUCCESS;
+        }
+    }
+    save(&cli.state, &m);
+    ExitCode::SUCCESS
+}
