@@ -19,8 +19,8 @@ const O_DIRECT: i32 = 0o40000;
 #[derive(Parser)]
 #[command(name = "shsnap-oracle", about = "Data oracle for dm-shared-snap VM tests")]
 struct Cli {
-    /// Model file.
-    #[arg(long, default_value = "/tmp/oracle.json")]
+    /// Model directory (one binary file of u64 tags per device).
+    #[arg(long, default_value = "/tmp/oracle")]
     state: String,
     #[command(subcommand)]
     cmd: Cmd,
@@ -68,14 +68,28 @@ fn fill(buf: &mut [u8], tag: u64, idx: u64) {
     }
 }
 
-type Model = BTreeMap<String, Vec<u64>>;
+/// The models touched by one invocation (name -> tag per block; None = deleted).
+type Model = BTreeMap<String, Option<Vec<u64>>>;
 
-fn load(p: &str) -> Model {
-    std::fs::read(p).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+fn load(dir: &str, name: &str) -> Vec<u64> {
+    let b = std::fs::read(format!("{}/{}", dir, name)).unwrap_or_else(|_| {
+        eprintln!("shsnap-oracle: no model {}", name);
+        std::process::exit(2)
+    });
+    b.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect()
 }
 
-fn save(p: &str, m: &Model) {
-    std::fs::write(p, serde_json::to_vec(m).unwrap()).unwrap();
+fn save(dir: &str, m: &Model) {
+    std::fs::create_dir_all(dir).unwrap();
+    for (name, v) in m {
+        let p = format!("{}/{}", dir, name);
+        match v {
+            Some(v) => std::fs::write(&p, v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()).unwrap(),
+            None => {
+                let _ = std::fs::remove_file(&p);
+            }
+        }
+    }
 }
 
 fn open(dev: &str, write: bool) -> File {
@@ -87,24 +101,24 @@ fn open(dev: &str, write: bool) -> File {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let mut m = load(&cli.state);
+    let dir = cli.state.clone();
+    let mut m = Model::new();
     let mut buf = Box::new(Aligned([0; BS * 64]));
     match cli.cmd {
         Cmd::Init { name, blocks } => {
-            m.insert(name, vec![0; blocks as usize]);
+            m.insert(name, Some(vec![0; blocks as usize]));
         }
         Cmd::Clone { name, name2 } => {
-            let v = m.get(&name).expect("no such model").clone();
-            m.insert(name2, v);
+            m.insert(name2, Some(load(&dir, &name)));
         }
         Cmd::Drop { name } => {
-            m.remove(&name);
+            m.insert(name, None);
         }
         Cmd::Write { name, dev, count, max, seed } => {
             let f = open(&dev, true);
             // Tags are unique across runs: seed and a counter.
             let mut rng = SmallRng::seed_from_u64(seed ^ (std::process::id() as u64) << 32);
-            let v = m.get_mut(&name).expect("no such model");
+            let v = m.entry(name.clone()).or_insert_with(|| Some(load(&dir, &name))).as_mut().unwrap();
             let n = v.len() as u64;
             for _ in 0..count {
                 let len = rng.gen_range(1..=max.min(64).min(n));
@@ -124,7 +138,7 @@ fn main() -> ExitCode {
         }
         Cmd::Verify { name, dev } => {
             let f = open(&dev, false);
-            let v = m.get(&name).expect("no such model");
+            let v = load(&dir, &name);
             let mut want = vec![0u8; BS];
             let mut bad = 0u64;
             let mut i = 0usize;
@@ -153,6 +167,6 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     }
-    save(&cli.state, &m);
+    save(&dir, &m);
     ExitCode::SUCCESS
 }

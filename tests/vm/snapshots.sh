@@ -4,7 +4,7 @@
 # deletion; concurrent fio with verification on the origin and several snapshots.
 # Runs inside scripts/vm-run --disks 2.
 . "$(dirname "$0")/lib.sh"
-ORACLE="$REPO/target/release/shsnap-oracle --state /tmp/oracle.json"
+ORACLE="$REPO/target/release/shsnap-oracle --state /tmp/oracle"
 NSNAP=${NSNAP:-64}
 MB=${ORIGIN_MB:-8}
 CHUNK=${CHUNK:-16}
