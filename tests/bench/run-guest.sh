@@ -1,0 +1,120 @@
+#!/bin/bash
+# Benchmark body, run inside the VM by scripts/bench.  Prints CSV lines
+#   csv,<backing>,<target>,<nsnap>,<workload>,<rep>,<MB/s>
+# Targets: raw, shared (dm-shared-snap), snapshot (dm-snapshot, one COW per snapshot),
+# thin (dm-thin pool, thin volume, thin snapshots).  Same chunk/block size for all.
+. "$(dirname "$0")/../vm/lib.sh"
+set +u
+REGION_MB=${REGION_MB:-16}
+CHUNK=${CHUNK:-128}                  # sectors (64 KiB: dm-thin's minimum block)
+NS=${NS:-"0 1 2 4 8 16 32 64"}
+SNAP_MAX=${SNAP_MAX:-16}             # dm-snapshot: one COW each, gets slow fast
+REPS=${REPS:-3}
+TARGETS=${TARGETS:-"raw shared snapshot thin"}
+WORKLOADS=${WORKLOADS:-"seq rand qd32"}
+BACKINGS=${BACKINGS:-"ram"}
+R=$((REGION_MB * 2048))              # sectors
+setup_guest
+
+fio_bw() { # fio args... -> MB/s
+    fio --direct=1 --output-format=json --size=${REGION_MB}M "$@" 2>/dev/null | python3 -c '
+import json, sys
+j = json.load(sys.stdin)
+print("%.1f" % (sum(x["write"]["bw"] + x["read"]["bw"] for x in j["jobs"]) / 1024.0))'
+}
+
+teardown() {
+    dmsetup remove_all --force >/dev/null 2>&1
+    dmsetup remove_all >/dev/null 2>&1
+}
+
+# setup <target> <n>: prefilled origin with n snapshots; sets DEV.
+setup() {
+    local t=$1 n=$2 i
+    teardown
+    dd if=/dev/zero of=$B bs=4k count=1 oflag=direct status=none
+    case $t in
+        raw)
+            DEV=$A ;;
+        shared)
+            dmsetup create bo --table "0 $R shared-origin $A $B $CHUNK" || return 1
+            DEV=/dev/mapper/bo ;;
+        snapshot)
+            local cs=$(( (R + R / 4 + 8192) ))
+            for i in $(seq 1 $n); do
+                dmsetup create bc$i --table "0 $cs linear $B $(( (i - 1) * cs ))" || return 1
+                dd if=/dev/zero of=/dev/mapper/bc$i bs=4k count=1 oflag=direct status=none
+            done
+            dmsetup create bo --table "0 $R snapshot-origin $A" || return 1
+            DEV=/dev/mapper/bo ;;
+        thin)
+            dmsetup create btm --table "0 32768 linear $B 0" || return 1
+            dd if=/dev/zero of=/dev/mapper/btm bs=4k count=1 oflag=direct status=none
+            local ds=$(( BSZ - 32768 ))
+            dmsetup create btd --table "0 $ds linear $B 32768" || return 1
+            dmsetup create bp --table "0 $ds thin-pool /dev/mapper/btm /dev/mapper/btd $CHUNK 0 1 skip_block_zeroing" || return 1
+            dmsetup message bp 0 "create_thin 0" || return 1
+            dmsetup create bo --table "0 $R thin /dev/mapper/bp 0" || return 1
+            DEV=/dev/mapper/bo ;;
+    esac
+    mapper_nodes
+    # Prefill the region (so that writes after the snapshots break sharing).
+    dd if=/dev/urandom of=/tmp/fill bs=1M count=$REGION_MB status=none 2>/dev/null || true
+    dd if=/tmp/fill of=$DEV bs=1M oflag=direct status=none || return 1
+    for i in $(seq 1 $n); do
+        case $t in
+            shared) dmsetup message bo 0 create $i ;;
+            snapshot)
+                dmsetup suspend bo
+                dmsetup create bs$i --table "0 $R snapshot $A /dev/mapper/bc$i P $CHUNK"
+                dmsetup resume bo ;;
+            thin)
+                dmsetup suspend bo
+                dmsetup message bp 0 "create_snap $i 0"
+                dmsetup resume bo ;;
+        esac || return 1
+    done
+    return 0
+}
+
+emit() { echo "csv,$BACKING,$1,$2,$3,$4,$5"; }
+
+run_point() { # target n rep
+    local t=$1 n=$2 rep=$3 bw
+    for w in $WORKLOADS; do
+        setup $t $n || { echo "setup $t $n failed"; return 1; }
+        case $w in
+            seq)
+                emit $t $n seq_first $rep "$(fio_bw --name=s --filename=$DEV --rw=write --bs=1M --ioengine=psync)"
+                emit $t $n seq_over $rep "$(fio_bw --name=s --filename=$DEV --rw=write --bs=1M --ioengine=psync)" ;;
+            rand)
+                emit $t $n rand_first $rep "$(fio_bw --name=r --filename=$DEV --rw=randwrite --bs=4k --ioengine=psync --randseed=$rep)"
+                emit $t $n rand_over $rep "$(fio_bw --name=r --filename=$DEV --rw=randwrite --bs=4k --ioengine=psync --randseed=$((rep + 7)))"
+                emit $t $n read_after_rand $rep "$(fio_bw --name=q --filename=$DEV --rw=read --bs=1M --ioengine=psync)" ;;
+            qd32)
+                emit $t $n qd32_seq_first $rep "$(fio_bw --name=p --filename=$DEV --rw=write --bs=1M --ioengine=libaio --iodepth=32 --numjobs=4 --size=$((REGION_MB / 4))M --offset_increment=$((REGION_MB / 4))M)"
+                setup $t $n || return 1
+                emit $t $n qd32_rand_first $rep "$(fio_bw --name=p --filename=$DEV --rw=randwrite --bs=4k --ioengine=libaio --iodepth=32 --numjobs=4 --size=$((REGION_MB / 4))M --offset_increment=$((REGION_MB / 4))M)" ;;
+        esac
+    done
+}
+
+for BACKING in $BACKINGS; do
+    if [ $BACKING = ram ]; then A=/dev/ram0; B=/dev/ram1; else A=/dev/vda; B=/dev/vdb; fi
+    BSZ=$(blockdev --getsz $B)
+    echo "backing $BACKING: origin $A, COW/pool $B ($((BSZ / 2048)) MiB), region $REGION_MB MiB, chunk $CHUNK sectors"
+    for rep in $(seq 1 $REPS); do
+        for t in $TARGETS; do
+            for n in $NS; do
+                [ $t = raw ] && [ $n != 0 ] && continue
+                [ $t = snapshot ] && [ $n -gt $SNAP_MAX ] && continue
+                [ $t = snapshot ] && [ $n = 0 ] && continue
+                run_point $t $n $rep
+            done
+        done
+    done
+done
+teardown
+rmmod dm_shared_snap
+check_dmesg "dmesg clean after the benchmark"
+finish

@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""Summarise bench.csv: medians and spread per point, ratios to the raw device, and a plot."""
+import csv, statistics, subprocess, sys, os
+from collections import defaultdict
+
+src, out = sys.argv[1], sys.argv[2]
+pts = defaultdict(list)
+for r in csv.DictReader(open(src)):
+    try:
+        pts[(r["backing"], r["target"], int(r["snapshots"]), r["workload"])].append(float(r["MBps"]))
+    except ValueError:
+        pass
+med = {k: statistics.median(v) for k, v in pts.items()}
+spread = {k: (min(v), max(v)) for k, v in pts.items()}
+backings = sorted({k[0] for k in pts})
+workloads = [w for w in ["seq_first", "seq_over", "rand_first", "rand_over", "read_after_rand", "qd32_seq_first", "qd32_rand_first"] if any(k[3] == w for k in pts)]
+ns = sorted({k[2] for k in pts})
+targets = [t for t in ["shared", "thin", "snapshot"] if any(k[1] == t for k in pts)]
+lines = ["# Benchmark: origin throughput against the number of snapshots", "",
+         "Median MB/s over repeats (min-max), and ratio to the raw device in the same run.", ""]
+for b in backings:
+    for w in workloads:
+        raw = med.get((b, "raw", 0, w))
+        lines.append(f"## {b} backing, {w}" + (f" (raw device: {raw:.1f} MB/s)" if raw else ""))
+        lines.append("")
+        lines.append("| snapshots | " + " | ".join(targets) + " |")
+        lines.append("|---|" + "---|" * len(targets))
+        for n in ns:
+            cells = []
+            for t in targets:
+                k = (b, t, n, w)
+                if k not in med:
+                    cells.append("-")
+                    continue
+                lo, hi = spread[k]
+                ratio = f" = {med[k] / raw:.2f}x raw" if raw else ""
+                cells.append(f"{med[k]:.1f} ({lo:.0f}-{hi:.0f}){ratio}")
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        lines.append("")
+# Headline ratios
+def r(t, n, w, b="ram"):
+    k = (b, t, n, w)
+    return med.get(k)
+lines.append("## Checks against the targets")
+lines.append("")
+for b in backings:
+    for w in ["seq_first", "rand_first", "qd32_seq_first"]:
+        s1, s64, raw = r("shared", 1, w, b), r("shared", 64, w, b), r("raw", 0, w, b)
+        if s1 and s64:
+            lines.append(f"- {b} {w}: shared N=64 / N=1 = {s64 / s1:.2f} (target >= 0.90)")
+        if s1 and raw:
+            lines.append(f"- {b} {w}: shared N=1 / raw = {s1 / raw:.2f} (target >= 0.30)")
+        sn8, sh8 = r("snapshot", 8, w, b), r("shared", 8, w, b)
+        if sn8 and sh8:
+            lines.append(f"- {b} {w}: shared / dm-snapshot at N=8 = {sh8 / sn8:.1f}x (target >= 10x)")
+        for n in ns:
+            th, sh = r("thin", n, w, b), r("shared", n, w, b)
+            if th and sh and n in (1, 8, 64):
+                lines.append(f"- {b} {w}: shared / dm-thin at N={n} = {sh / th:.2f} (target >= 1)")
+    for w in ["seq_over", "rand_over"]:
+        s1, raw = r("shared", 1, w, b), r("raw", 0, w, b)
+        if s1 and raw:
+            lines.append(f"- {b} {w}: shared N=1 / raw = {s1 / raw:.2f} (target >= 0.90)")
+    ra, th = r("shared", 8, "read_after_rand", b), r("thin", 8, "read_after_rand", b)
+    if ra and th:
+        lines.append(f"- {b} read_after_rand at N=8: shared / dm-thin = {ra / th:.2f} (target >= 1)")
+open(os.path.join(out, "summary.md"), "w").write("\n".join(lines) + "\n")
+print("\n".join(lines))
+# Plot: one panel per workload (ram backing first), throughput vs N, one line per target.
+dat = os.path.join(out, "plot.dat")
+with open(dat, "w") as f:
+    for b in backings:
+        for w in workloads:
+            for t in targets + ["raw"]:
+                f.write(f"# {b} {w} {t}\n")
+                for n in ns:
+                    k = (b, t, 0 if t == "raw" else n, w)
+                    if k in med:
+                        f.write(f"{max(n, 0.5)} {med[k]}\n")
+                f.write("\n\n")
+idx = 0
+plots = []
+for b in backings:
+    for w in workloads:
+        cmds = []
+        for t in targets + ["raw"]:
+            cmds.append(f"'{dat}' index {idx} with linespoints title '{'dm-' + t if t in ('thin', 'snapshot') else t}'")
+            idx += 1
+        plots.append(f"set title '{b}: {w}'; plot " + ", ".join(cmds))
+gp = ["set terminal png size 1600,{} font ',10'".format(400 * ((len(plots) + 2) // 3)),
+      f"set output '{os.path.join(out, 'plot.png')}'",
+      f"set multiplot layout {(len(plots) + 2) // 3},3",
+      "set logscale x 2", "set xlabel 'snapshots (0 plotted at 0.5)'", "set ylabel 'MB/s'", "set key top right", "set yrange [0:*]"]
+gp += plots + ["unset multiplot"]
+try:
+    subprocess.run(["gnuplot"], input="\n".join(gp), text=True, check=True)
+except Exception as e:
+    print("plot failed:", e)
