@@ -82,6 +82,18 @@ struct State {
     failed: Option<&'static str>,
     /// Active snapshot targets per slot.
     snap_refs: [u32; MAX_SNAPSHOTS],
+    /// Worker statistics (the `stats` message).
+    stats: Stats,
+}
+
+/// Counters reported by the `stats` message.
+#[derive(Default)]
+struct Stats {
+    batches: u64,
+    bios: u64,
+    copy_jobs: u64,
+    copied_chunks: u64,
+    commits: u64,
 }
 
 /// What is shared between an origin target, its worker and its snapshot targets.
@@ -230,7 +242,7 @@ impl TargetOps for Origin {
         let shared = Arc::new(
             Shared {
                 worker: Worker::new(),
-                state: TryMutex::new(State { store: Some(store), failed: None, snap_refs: [0; MAX_SNAPSHOTS] })?,
+                state: TryMutex::new(State { store: Some(store), failed: None, snap_refs: [0; MAX_SNAPSHOTS], stats: Stats::default() })?,
                 copier: Copier::new()?,
                 writes_inflight: Inflight::new()?,
                 snap_reads: Inflight::new()?,
@@ -374,6 +386,16 @@ impl TargetOps for Origin {
                     sh.worker.kick();
                     r
                 }
+            }
+            ("stats", 1) => {
+                let st = sh.state.lock();
+                let s = &st.stats;
+                let _ = write!(
+                    out,
+                    "batches {} bios {} copy_jobs {} copied_chunks {} commits {}",
+                    s.batches, s.bios, s.copy_jobs, s.copied_chunks, s.commits
+                );
+                Ok(())
             }
             ("list", 1) => {
                 let st = sh.state.lock();
@@ -602,34 +624,51 @@ impl Shared {
         }
         let mut copying = false;
         let mut origin_writes = false;
+        // Adjacent chunks going to adjacent COW chunks are copied as one kcopyd job.
+        let mut run: Option<(DevHandle, u64, u64, u64)> = None;
         for it in items[..n].iter().flatten() {
             let chunk = self.chunk_of(it.off);
-            match it.action {
+            let copy = match it.action {
                 Action::OriginWrite(c) => {
                     origin_writes = true;
-                    if let Some(c) = c {
-                        self.copier.copy(self.origin_h, chunk << self.chunk_shift, self.cow_h, self.cow_sector(c, 0), self.chunk_sectors);
-                        copying = true;
+                    c.map(|c| (self.origin_h, chunk << self.chunk_shift, self.cow_sector(c, 0)))
+                }
+                Action::SnapWrite { dst, from: Some(src) } => Some(match src {
+                    Source::Origin => (self.origin_h, chunk << self.chunk_shift, self.cow_sector(dst, 0)),
+                    Source::Cow(c) => (self.cow_h, self.cow_sector(c, 0), self.cow_sector(dst, 0)),
+                }),
+                _ => None,
+            };
+            let Some((dev, src, dst)) = copy else { continue };
+            copying = true;
+            st.stats.copied_chunks += 1;
+            match run.as_mut() {
+                Some((d, s, t, len)) if d.same(&dev) && *s + *len == src && *t + *len == dst => *len += self.chunk_sectors,
+                _ => {
+                    if let Some((d, s, t, len)) = run.take() {
+                        self.copier.copy(d, s, self.cow_h, t, len);
+                        st.stats.copy_jobs += 1;
                     }
+                    run = Some((dev, src, dst, self.chunk_sectors));
                 }
-                Action::SnapWrite { dst, from: Some(src) } => {
-                    let (dev, s) = match src {
-                        Source::Origin => (self.origin_h, chunk << self.chunk_shift),
-                        Source::Cow(c) => (self.cow_h, self.cow_sector(c, 0)),
-                    };
-                    self.copier.copy(dev, s, self.cow_h, self.cow_sector(dst, 0), self.chunk_sectors);
-                    copying = true;
-                }
-                _ => {}
             }
         }
+        if let Some((d, s, t, len)) = run.take() {
+            self.copier.copy(d, s, self.cow_h, t, len);
+            st.stats.copy_jobs += 1;
+        }
+        st.stats.batches += 1;
+        st.stats.bios += n as u64;
         if copying && self.copier.wait().is_err() {
             self.give_up(st, "copy to the COW device failed", StoreError::Io { block: u64::MAX });
         }
         if st.failed.is_none() {
             if let Some(s) = st.store.as_mut() {
-                if let Err(e) = s.commit() {
-                    self.give_up(st, "journal commit failed", e);
+                let dirty = s.is_dirty();
+                match s.commit() {
+                    Ok(()) if dirty => st.stats.commits += 1,
+                    Ok(()) => {}
+                    Err(e) => self.give_up(st, "journal commit failed", e),
                 }
             }
         }

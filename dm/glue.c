@@ -317,12 +317,16 @@ int dmss_io(struct dm_io_client *c, struct dm_dev *d, u64 sector, u32 count, voi
 	unsigned long error_bits = 0;
 	int r;
 
-	switch (op) {
+	switch (op & 3) {
 	case DMSS_IO_READ:
 		req.bi_opf = REQ_OP_READ;
 		break;
 	case DMSS_IO_WRITE:
 		req.bi_opf = REQ_OP_WRITE | REQ_SYNC;
+		if (op & DMSS_IO_PREFLUSH)
+			req.bi_opf |= REQ_PREFLUSH;
+		if (op & DMSS_IO_FUA)
+			req.bi_opf |= REQ_FUA;
 		break;
 	default:
 		req.bi_opf = REQ_OP_WRITE | REQ_PREFLUSH | REQ_SYNC;

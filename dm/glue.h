@@ -21,8 +21,10 @@ struct dmss_copier;
 
 /* Bio classes reported by dmss_bio_kind(). */
 enum { DMSS_BIO_READ, DMSS_BIO_WRITE, DMSS_BIO_FLUSH, DMSS_BIO_DISCARD, DMSS_BIO_OTHER };
-/* Operations of dmss_io(). */
+/* Operations of dmss_io(), and flags or'ed into a write. */
 enum { DMSS_IO_READ, DMSS_IO_WRITE, DMSS_IO_FLUSH };
+#define DMSS_IO_PREFLUSH 4
+#define DMSS_IO_FUA 8
 
 /* Implemented in Rust (kind 0: origin, 1: snapshot). */
 int dmss_rust_ctr(struct dm_target *ti, int kind, unsigned int argc, char **argv);

@@ -114,6 +114,8 @@ mod ffi {
 const IO_READ: c_int = 0;
 const IO_WRITE: c_int = 1;
 const IO_FLUSH: c_int = 2;
+const IO_PREFLUSH: c_int = 4;
+const IO_FUA: c_int = 8;
 
 /// `DM_MAPIO_*` results of `map`.
 pub(crate) enum MapResult {
@@ -318,6 +320,13 @@ impl Drop for Device {
 /// A non-owning reference to an open device (see [`Device::handle`]).
 #[derive(Clone, Copy)]
 pub(crate) struct DevHandle(NonNull<ffi::DmDev>);
+
+impl DevHandle {
+    /// Whether both handles name the same open device.
+    pub(crate) fn same(&self, other: &DevHandle) -> bool {
+        self.0 == other.0
+    }
+}
 
 // SAFETY: see Device.
 unsafe impl Send for DevHandle {}
@@ -674,10 +683,10 @@ impl MetaIo {
         Ok(MetaIo { client, dev: dev.handle(), blocks: dev.sectors() / BLOCK_SECTORS })
     }
 
-    fn io(&self, nr: u64, buf: *mut c_void, op: c_int) -> fmt_::Result<()> {
-        // SAFETY: `buf` is a BLOCK_SIZE buffer (or NULL for a flush) that stays valid during
+    fn io(&self, nr: u64, blocks: u32, buf: *mut c_void, op: c_int) -> fmt_::Result<()> {
+        // SAFETY: `buf` covers `blocks` blocks (or is NULL for a flush) and stays valid during
         // this synchronous call; the device is open (DevHandle invariant).
-        let r = unsafe { ffi::dmss_io(self.client.as_ptr(), self.dev.0.as_ptr(), nr * BLOCK_SECTORS, BLOCK_SECTORS as u32, buf, op) };
+        let r = unsafe { ffi::dmss_io(self.client.as_ptr(), self.dev.0.as_ptr(), nr * BLOCK_SECTORS, blocks * BLOCK_SECTORS as u32, buf, op) };
         if r == 0 {
             Ok(())
         } else {
@@ -698,7 +707,7 @@ impl fmt_::BlockIo for MetaIo {
         if nr >= self.blocks {
             return Err(fmt_::Error::Io { block: nr });
         }
-        self.io(nr, buf.as_mut_ptr() as *mut c_void, IO_READ)
+        self.io(nr, 1, buf.as_mut_ptr() as *mut c_void, IO_READ)
     }
 
     fn write_block(&mut self, nr: u64, buf: &Block) -> fmt_::Result<()> {
@@ -706,11 +715,27 @@ impl fmt_::BlockIo for MetaIo {
             return Err(fmt_::Error::Io { block: nr });
         }
         // dm-io only reads from the buffer for a write.
-        self.io(nr, buf.as_ptr() as *mut c_void, IO_WRITE)
+        self.io(nr, 1, buf.as_ptr() as *mut c_void, IO_WRITE)
+    }
+
+    fn write_run(&mut self, nr: u64, bufs: &[Block], preflush: bool, fua: bool) -> fmt_::Result<()> {
+        let n = bufs.len() as u64;
+        if n == 0 || nr + n > self.blocks {
+            return Err(fmt_::Error::Io { block: nr });
+        }
+        let mut op = IO_WRITE;
+        if preflush {
+            op |= IO_PREFLUSH;
+        }
+        if fua {
+            op |= IO_FUA;
+        }
+        // One request over the contiguous blocks; dm-io only reads from the buffer.
+        self.io(nr, n as u32, bufs.as_ptr() as *mut c_void, op)
     }
 
     fn flush(&mut self) -> fmt_::Result<()> {
-        self.io(0, core::ptr::null_mut(), IO_FLUSH).map_err(|_| fmt_::Error::Io { block: u64::MAX })
+        self.io(0, 0, core::ptr::null_mut(), IO_FLUSH).map_err(|_| fmt_::Error::Io { block: u64::MAX })
     }
 
     fn size_blocks(&self) -> u64 {

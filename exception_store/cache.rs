@@ -21,8 +21,13 @@ pub struct Slot {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum SlotState {
     Empty,
+    /// Same as on disk.
     Clean,
+    /// Changed by the open transaction.
     Dirty,
+    /// Committed to the journal but not yet written home: written home before eviction
+    /// and at the next checkpoint.
+    Committed,
 }
 
 impl Slot {
@@ -38,8 +43,9 @@ impl Default for Slot {
     }
 }
 
-/// Scratch blocks the store needs besides the cache slots.
-pub const SCRATCH_BLOCKS: usize = 2;
+/// Scratch blocks the store needs besides the cache slots: two for replay and headers,
+/// then a contiguous staging area for one journal transaction (descriptor + images).
+pub const SCRATCH_BLOCKS: usize = 2 + crate::exception_store::superblock::MAX_TX_BLOCKS + 1;
 
 /// The parts of the cache memory, borrowed together.
 pub struct Parts<'a> {
@@ -144,7 +150,7 @@ impl<M: CacheMem> Cache<M> {
         }
     }
 
-    fn victim(&mut self) -> Result<usize> {
+    fn victim(&mut self, io: &mut impl BlockIo) -> Result<usize> {
         let n = self.capacity();
         for _ in 0..2 * n + 1 {
             let i = self.hand;
@@ -154,13 +160,18 @@ impl<M: CacheMem> Cache<M> {
             match s.state {
                 SlotState::Empty => return Ok(i),
                 SlotState::Dirty => continue,
-                SlotState::Clean => {
+                SlotState::Clean | SlotState::Committed => {
                     if s.epoch == epoch {
                         continue;
                     }
                     if s.referenced {
                         s.referenced = false;
                         continue;
+                    }
+                    if s.state == SlotState::Committed {
+                        // Journaled already: its home copy may be written at any time.
+                        let p = self.mem.parts();
+                        io.write_block(p.slots[i].block, &p.blocks[i])?;
                     }
                     self.unhash(i);
                     self.mem.parts().slots[i].state = SlotState::Empty;
@@ -202,7 +213,7 @@ impl<M: CacheMem> Cache<M> {
         if nonblocking {
             return Err(Error::WouldBlock);
         }
-        let i = self.victim()?;
+        let i = self.victim(io)?;
         io.read_block(block, &mut self.mem.parts().blocks[i])?;
         self.reads += 1;
         self.install(i, block);
@@ -210,11 +221,11 @@ impl<M: CacheMem> Cache<M> {
     }
 
     /// Returns a zeroed, dirty slot for a newly allocated block (no read).
-    pub fn get_new(&mut self, block: u64) -> Result<usize> {
+    pub fn get_new(&mut self, io: &mut impl BlockIo, block: u64) -> Result<usize> {
         let i = match self.find(block) {
             Some(i) => i,
             None => {
-                let i = self.victim()?;
+                let i = self.victim(io)?;
                 self.install(i, block);
                 i
             }
@@ -315,12 +326,12 @@ impl<M: CacheMem> Cache<M> {
         self.mem.parts().pending
     }
 
-    /// Dirty slot bookkeeping and data, plus scratch block 0 (for the journal commit).
-    pub fn commit_view(&mut self) -> (&mut [Block], &[Slot], &mut Block) {
+    /// Slot data and bookkeeping, plus the journal staging area (for the commit).
+    pub fn commit_view(&mut self) -> (&mut [Block], &[Slot], &mut [Block]) {
         let p = self.mem.parts();
         let n = p.slots.len();
-        let (blocks, scratch) = p.blocks.split_at_mut(n);
-        (blocks, p.slots, &mut scratch[0])
+        let (blocks, rest) = p.blocks.split_at_mut(n);
+        (blocks, p.slots, &mut rest[2..])
     }
 
     /// Whether slot `idx` is dirty.
@@ -333,14 +344,32 @@ impl<M: CacheMem> Cache<M> {
         s.block
     }
 
-    /// Marks every dirty block clean (after they have been journaled and written home).
-    pub fn mark_all_clean(&mut self) {
+    /// Marks every dirty block committed (after the journal made them durable).
+    pub fn mark_all_committed(&mut self) {
         for s in self.mem.parts().slots.iter_mut() {
             if s.state == SlotState::Dirty {
-                s.state = SlotState::Clean;
+                s.state = SlotState::Committed;
             }
         }
         self.ndirty = 0;
+    }
+
+    /// Writes every committed block home (checkpoint); they become clean.
+    pub fn write_committed(&mut self, io: &mut impl BlockIo) -> Result<()> {
+        let p = self.mem.parts();
+        for (s, b) in p.slots.iter_mut().zip(p.blocks.iter()) {
+            if s.state == SlotState::Committed {
+                io.write_block(s.block, b)?;
+                s.state = SlotState::Clean;
+            }
+        }
+        Ok(())
+    }
+
+    /// The staging area for one journal transaction.
+    pub fn staging(&mut self) -> &mut [Block] {
+        let n = self.capacity();
+        &mut self.mem.parts().blocks[n + 2..]
     }
 
     /// Forgets everything, dirty blocks included (after a failed commit the in-memory state

@@ -120,6 +120,21 @@ pub trait BlockIo {
     fn write_block(&mut self, nr: u64, buf: &Block) -> Result<()>;
     /// Makes every completed write durable (REQ_PREFLUSH).
     fn flush(&mut self) -> Result<()>;
+    /// Writes consecutive blocks from `nr` in one request; `preflush`: everything completed
+    /// before is durable first (REQ_PREFLUSH); `fua`: these blocks are durable when it
+    /// returns (REQ_FUA).  The default issues single writes and flushes.
+    fn write_run(&mut self, nr: u64, bufs: &[Block], preflush: bool, fua: bool) -> Result<()> {
+        if preflush {
+            self.flush()?;
+        }
+        for (i, b) in bufs.iter().enumerate() {
+            self.write_block(nr + i as u64, b)?;
+        }
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
     /// Size of the COW device in 4 KiB blocks.
     fn size_blocks(&self) -> u64;
     /// CRC-32C (Castagnoli) of `data`, seed !0, final inversion (the kernel's crc32c() with

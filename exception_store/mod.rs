@@ -211,7 +211,7 @@ impl<D: BlockIo, M: CacheMem> Store<D, M> {
         self.sb.flags &= !SB_DIRTY;
         self.sb_dirty = true;
         self.commit()?;
-        journal::checkpoint(&mut self.io, &mut self.journal, self.sb.store_id, self.cache.scratch(0))?;
+        journal::checkpoint(&mut self.io, &mut self.cache, &mut self.journal, self.sb.store_id)?;
         Ok((self.io, self.cache.into_mem()))
     }
 
@@ -302,7 +302,7 @@ impl<D: BlockIo, M: CacheMem> Store<D, M> {
         self.check_usable()?;
         if self.sb_dirty {
             self.cache.begin_op();
-            let r = self.cache.get_new(STATE_BLOCK);
+            let r = self.cache.get_new(&mut self.io, STATE_BLOCK);
             let slot = self.guard(r)?;
             let sb = self.sb;
             sb.encode(self.cache.data_mut(slot), STATE_BLOCK);
@@ -718,7 +718,7 @@ impl<D: BlockIo, M: CacheMem> NodeStore for Store<D, M> {
     fn alloc_node(&mut self, level: u16) -> Result<(u64, usize)> {
         let i = self.alloc(Area::Meta)?;
         let blk = self.sb.layout.meta_start + i;
-        let slot = self.cache.get_new(blk)?;
+        let slot = self.cache.get_new(&mut self.io, blk)?;
         let b = self.cache.data_mut(slot);
         init_header(b, btree::node_type(level), blk, self.sb.store_id);
         btree::init_node(b, level);

@@ -50,8 +50,15 @@ impl Journal {
     }
 }
 
-/// Makes home writes durable and moves the replay start to the current offset.
-pub fn checkpoint(io: &mut impl BlockIo, j: &mut Journal, store_id: u64, scratch: &mut Block) -> Result<()> {
+/// Writes committed blocks home, makes them durable, and moves the replay start to the
+/// current offset.
+pub fn checkpoint<M: CacheMem>(io: &mut impl BlockIo, cache: &mut Cache<M>, j: &mut Journal, store_id: u64) -> Result<()> {
+    cache.write_committed(io)?;
+    write_header(io, j, store_id, cache.scratch(0))
+}
+
+/// Flushes home writes and records the current offset in the older journal header.
+pub fn write_header(io: &mut impl BlockIo, j: &mut Journal, store_id: u64, scratch: &mut Block) -> Result<()> {
     io.flush()?;
     JournalHeader { off: j.off, seq: j.seq }.encode(io, store_id, j.next_header, scratch);
     io.write_block(j.next_header, scratch)?;
@@ -71,11 +78,13 @@ pub fn commit<M: CacheMem>(io: &mut impl BlockIo, cache: &mut Cache<M>, j: &mut 
         return Err(Error::Invalid("transaction larger than the journal descriptor"));
     }
     if j.size - (j.off - j.tail) < n as u64 + 1 {
-        checkpoint(io, j, store_id, cache.scratch(0))?;
+        checkpoint(io, cache, j, store_id)?;
     }
-    let (blocks, slots, desc) = cache.commit_view();
-    desc.fill(0);
+    let (blocks, slots, staging) = cache.commit_view();
     let dloc = j.loc(j.off);
+    let (desc, images) = staging.split_at_mut(1);
+    let desc = &mut desc[0];
+    desc.fill(0);
     init_header(desc, BlockType::JournalDesc, dloc, store_id);
     put64(desc, D_SEQ, j.seq);
     put32(desc, D_COUNT, n as u32);
@@ -91,26 +100,22 @@ pub fn commit<M: CacheMem>(io: &mut impl BlockIo, cache: &mut Cache<M>, j: &mut 
         let crc = block_crc(io, b);
         put64(desc, D_ENTRIES + i * D_ENTRY, Cache::<M>::slot_block(s));
         put32(desc, D_ENTRIES + i * D_ENTRY + 8, crc);
+        images[i].copy_from_slice(b);
         i += 1;
     }
     seal(io, desc);
-    // 1. data copies durable; 2. the transaction, durable; 3. home writes.
-    io.flush()?;
-    io.write_block(dloc, desc)?;
-    let mut k = 0u64;
-    for (b, s) in blocks.iter().zip(slots.iter()) {
-        if Cache::<M>::slot_dirty(s) {
-            k += 1;
-            io.write_block(j.loc(j.off + k), b)?;
-        }
+    // One request (two if the log wraps): PREFLUSH makes the chunk copies of this
+    // transaction durable first, FUA makes the transaction durable: the commit point.
+    let run = &staging[..n + 1];
+    let first = (j.size - j.off % j.size).min(run.len() as u64) as usize;
+    if first == run.len() {
+        io.write_run(dloc, run, true, true)?;
+    } else {
+        io.write_run(dloc, &run[..first], true, false)?;
+        io.write_run(j.start, &run[first..], false, true)?;
     }
-    io.flush()?;
-    for (b, s) in blocks.iter().zip(slots.iter()) {
-        if Cache::<M>::slot_dirty(s) {
-            io.write_block(Cache::<M>::slot_block(s), b)?;
-        }
-    }
-    cache.mark_all_clean();
+    // Home writes happen lazily: at eviction or at the next checkpoint.
+    cache.mark_all_committed();
     j.off += n as u64 + 1;
     j.seq += 1;
     j.commits += 1;
@@ -214,6 +219,6 @@ pub fn replay(io: &mut impl BlockIo, l: &Layout, store_id: u64, d: &mut Block, b
     }
     // Skip a sequence number so that a stale, torn descriptor can never match again.
     j.seq += 1;
-    checkpoint(io, &mut j, store_id, d)?;
+    write_header(io, &mut j, store_id, d)?;
     Ok((j, rep))
 }
