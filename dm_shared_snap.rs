@@ -84,6 +84,8 @@ struct State {
     snap_refs: [u32; MAX_SNAPSHOTS],
     /// Worker statistics (the `stats` message).
     stats: Stats,
+    /// Set when the batch in progress lost its store (its copies and commit are void).
+    gave_up: bool,
 }
 
 /// Counters reported by the `stats` message.
@@ -242,7 +244,7 @@ impl TargetOps for Origin {
         let shared = Arc::new(
             Shared {
                 worker: Worker::new(),
-                state: TryMutex::new(State { store: Some(store), failed: None, snap_refs: [0; MAX_SNAPSHOTS], stats: Stats::default() })?,
+                state: TryMutex::new(State { store: Some(store), failed: None, snap_refs: [0; MAX_SNAPSHOTS], stats: Stats::default(), gave_up: false })?,
                 copier: Copier::new()?,
                 writes_inflight: Inflight::new()?,
                 snap_reads: Inflight::new()?,
@@ -523,11 +525,41 @@ impl Shared {
     }
 
     /// Gives up on the COW device: snapshots fail from now on, the origin keeps working.
+    /// After an error that left the in-memory store unusable: reopen it from disk (journal
+    /// replay drops the unfinished transaction), mark every snapshot invalid there and
+    /// commit, so that origin writes may go on without copy-out and no snapshot is ever
+    /// read stale, even after a restart.  If even that fails, snapshots fail from now on
+    /// (the origin still works).
     fn give_up(&self, st: &mut State, why: &'static str, e: StoreError) {
-        if st.failed.is_none() {
-            pr_err!("{}: {} ({}); all snapshots of {} are now invalid\n", self.cow.name(), why, e, self.origin.name());
+        st.gave_up = true;
+        if st.failed.is_some() {
+            return;
+        }
+        pr_err!("{}: {} ({}); invalidating all snapshots of {}\n", self.cow.name(), why, e, self.origin.name());
+        self.event.raise();
+        let Some(old) = st.store.take() else {
             st.failed = Some(why);
-            self.event.raise();
+            return;
+        };
+        let (io, mem) = KBox::into_inner(old).abandon();
+        let reopened = Store::open(io, mem).and_then(|mut s| {
+            let live = s.sb().live_mask();
+            s.invalidate(live)?;
+            s.commit()?;
+            Ok(s)
+        });
+        match reopened {
+            Ok(s) => match KBox::new(s, GFP_NOWAIT | __GFP_NOWARN) {
+                Ok(b) => {
+                    pr_err!("{}: snapshots marked invalid on disk; the origin continues\n", self.cow.name());
+                    st.store = Some(b);
+                }
+                Err(_) => st.failed = Some(why),
+            },
+            Err(e2) => {
+                pr_err!("{}: cannot record the invalidation ({}); snapshots fail until reactivation\n", self.cow.name(), e2);
+                st.failed = Some(why);
+            }
         }
     }
 
@@ -588,6 +620,7 @@ impl Shared {
 
     /// Plans, copies, commits and releases one batch.  Returns false when the queue is empty.
     fn run_batch(&self, st: &mut State) -> bool {
+        st.gave_up = false;
         let mut items: [Option<Item>; BATCH] = [const { None }; BATCH];
         let mut n = 0;
         while n < BATCH {
@@ -640,6 +673,9 @@ impl Shared {
                 _ => None,
             };
             let Some((dev, src, dst)) = copy else { continue };
+            if st.gave_up {
+                continue;
+            }
             copying = true;
             st.stats.copied_chunks += 1;
             match run.as_mut() {
@@ -662,7 +698,7 @@ impl Shared {
         if copying && self.copier.wait().is_err() {
             self.give_up(st, "copy to the COW device failed", StoreError::Io { block: u64::MAX });
         }
-        if st.failed.is_none() {
+        if st.failed.is_none() && !st.gave_up {
             if let Some(s) = st.store.as_mut() {
                 let dirty = s.is_dirty();
                 match s.commit() {
@@ -676,7 +712,7 @@ impl Shared {
             // Snapshot reads still reading the origin must finish before it changes.
             self.snap_reads.wait_zero();
         }
-        let failed = st.failed.is_some();
+        let failed = st.failed.is_some() || st.gave_up;
         for it in items[..n].iter_mut() {
             let Some(Item { mut bio, off, action }) = it.take() else { continue };
             match action {

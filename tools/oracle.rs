@@ -45,8 +45,16 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
-    /// Check that DEV reads exactly what the model of NAME says.
-    Verify { name: String, dev: String },
+    /// Check that DEV reads exactly what the model of NAME says (or, block by block, what
+    /// model ALT says: for states between two known points).
+    Verify {
+        name: String,
+        dev: String,
+        #[arg(long)]
+        alt: Option<String>,
+    },
+    /// Save the model of NAME as NAME2 (a checkpoint).
+    Save { name: String, name2: String },
 }
 
 #[repr(C, align(4096))]
@@ -136,9 +144,14 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Verify { name, dev } => {
+        Cmd::Save { name, name2 } => {
+            m.insert(name2, Some(load(&dir, &name)));
+        }
+        Cmd::Verify { name, dev, alt } => {
             let f = open(&dev, false);
             let v = load(&dir, &name);
+            let alt = alt.map(|a| load(&dir, &a));
+            let mut want2 = vec![0u8; BS];
             let mut want = vec![0u8; BS];
             let mut bad = 0u64;
             let mut i = 0usize;
@@ -150,7 +163,11 @@ fn main() -> ExitCode {
                 }
                 for k in 0..n {
                     fill(&mut want, v[i + k], (i + k) as u64);
-                    if buf.0[k * BS..(k + 1) * BS] != want[..] {
+                    let alt_ok = alt.as_ref().is_some_and(|a| {
+                        fill(&mut want2, a.get(i + k).copied().unwrap_or(0), (i + k) as u64);
+                        buf.0[k * BS..(k + 1) * BS] == want2[..]
+                    });
+                    if buf.0[k * BS..(k + 1) * BS] != want[..] && !alt_ok {
                         if bad < 5 {
                             let got = u64::from_le_bytes(buf.0[k * BS..k * BS + 8].try_into().unwrap());
                             eprintln!("{}: block {}: expected tag {:#x}, read tag {:#x}", name, i + k, v[i + k], got);

@@ -45,6 +45,11 @@ enum Cmd {
         /// The COW device or image.
         dev: String,
     },
+    /// Where the metadata lives: block numbers by type (for tests and debugging).
+    Layout {
+        /// The COW device or image.
+        dev: String,
+    },
     /// Chunk ranges whose content differs between snapshot A and snapshot B (or "origin").
     Delta {
         /// JSON instead of text.
@@ -163,6 +168,25 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 print_errors(&r);
             }
             Ok(if r.errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Cmd::Layout { dev } => {
+            let (r, map) = check::check(open(&dev, true)?);
+            let Some((sb, _)) = map else {
+                print_errors(&r);
+                return Err(ExitCode::from(1));
+            };
+            let l = sb.layout;
+            println!("superblock 0");
+            println!("journal_header 1");
+            println!("journal_header 2");
+            println!("state 3");
+            println!("journal {}", l.journal_start);
+            println!("meta_bitmap {}", l.meta_bitmap_start);
+            println!("data_bitmap {}", l.data_bitmap_start);
+            println!("btree_root {}", sb.root.block);
+            println!("btree_depth {}", sb.root.depth);
+            println!("data_start {}", l.data_start);
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Delta { json, dev, a, b } => {
             let (r, map) = check::check(open(&dev, true)?);
