@@ -31,7 +31,7 @@ use dm::{
     Registry, StatusType, Target, TargetOps, TryMutex, Worker,
 };
 use exception_store::format::{Block, BlockIo, Error as StoreError, BLOCK_SIZE, MAX_SNAPSHOTS};
-use exception_store::superblock::{SNAP_INVALID, SNAP_LIVE};
+use exception_store::superblock::{Super, SNAP_INVALID, SNAP_LIVE};
 use exception_store::{FormatParams, OriginWrite, SnapWrite, Source, Store};
 
 module! {
@@ -58,7 +58,7 @@ impl Drop for DmSharedSnapModule {
     }
 }
 
-type KStore = Store<MetaIo, CacheMemory>;
+type KStore = Store<MetaIo, CacheMemory, KBox<Super>>;
 
 /// Metadata blocks cached per origin (4 KiB each).
 const CACHE_BLOCKS: usize = 512;
@@ -163,9 +163,9 @@ fn is_zero(b: &[u8]) -> bool {
 }
 
 impl Origin {
-    fn open_store(t: &Target, cow: &Device, chunk: u32) -> Result<KBox<KStore>> {
-        let mut io = MetaIo::new(cow)?;
-        let mem = CacheMemory::new(CACHE_BLOCKS)?;
+    /// Formats the COW device if its first block is zero.
+    #[inline(never)]
+    fn format_if_new(t: &Target, cow: &Device, io: &mut MetaIo, chunk: u32) -> Result {
         let mut buf = KVec::from_elem(0u8, BLOCK_SIZE, GFP_KERNEL)?;
         let block: &mut Block = (&mut buf[..]).try_into().map_err(|_| EINVAL)?;
         if let Err(e) = io.read_block(0, block) {
@@ -174,14 +174,23 @@ impl Origin {
         }
         if is_zero(block) {
             let p = FormatParams { chunk_sectors: chunk, store_id: dm::random_u64() | 1, uuid: [0; 16], meta_blocks: 0 };
-            if let Err(e) = exception_store::format(&mut io, &p, block) {
+            if let Err(e) = exception_store::format(io, &p, block) {
                 pr_err!("{}: formatting the COW device: {}\n", cow.name(), e);
                 let (m, e) = open_error(e);
                 return Err(fail(t, m, e));
             }
             pr_info!("{}: formatted a new exception store, chunk {} sectors\n", cow.name(), chunk);
         }
-        match Store::open(io, mem) {
+        Ok(())
+    }
+
+    #[inline(never)]
+    fn open_store(t: &Target, cow: &Device, chunk: u32) -> Result<KBox<KStore>> {
+        let mut io = MetaIo::new(cow)?;
+        let mem = CacheMemory::new(CACHE_BLOCKS)?;
+        Self::format_if_new(t, cow, &mut io, chunk)?;
+        let sb = KBox::new(Super::empty(), GFP_KERNEL)?;
+        match Store::open(io, mem, sb) {
             Ok(s) => {
                 if s.sb().layout.chunk_sectors != chunk {
                     pr_err!("{}: store has chunk size {}, table says {}\n", cow.name(), s.sb().layout.chunk_sectors, chunk);
@@ -537,30 +546,27 @@ impl Shared {
         }
         pr_err!("{}: {} ({}); invalidating all snapshots of {}\n", self.cow.name(), why, e, self.origin.name());
         self.event.raise();
-        let Some(old) = st.store.take() else {
-            st.failed = Some(why);
-            return;
-        };
-        let (io, mem) = KBox::into_inner(old).abandon();
-        let reopened = Store::open(io, mem).and_then(|mut s| {
-            let live = s.sb().live_mask();
-            s.invalidate(live)?;
-            s.commit()?;
-            Ok(s)
-        });
-        match reopened {
-            Ok(s) => match KBox::new(s, GFP_NOWAIT | __GFP_NOWARN) {
-                Ok(b) => {
-                    pr_err!("{}: snapshots marked invalid on disk; the origin continues\n", self.cow.name());
-                    st.store = Some(b);
-                }
-                Err(_) => st.failed = Some(why),
-            },
-            Err(e2) => {
+        match st.store.take().map(|old| Self::reopen_invalidated(old)) {
+            Some(Ok(b)) => {
+                pr_err!("{}: snapshots marked invalid on disk; the origin continues\n", self.cow.name());
+                st.store = Some(b);
+            }
+            Some(Err(e2)) => {
                 pr_err!("{}: cannot record the invalidation ({}); snapshots fail until reactivation\n", self.cow.name(), e2);
                 st.failed = Some(why);
             }
+            None => st.failed = Some(why),
         }
+    }
+
+    #[inline(never)]
+    fn reopen_invalidated(old: KBox<KStore>) -> core::result::Result<KBox<KStore>, StoreError> {
+        let (io, mem, sb) = KBox::into_inner(old).abandon();
+        let mut s = Store::open(io, mem, sb)?;
+        let live = s.sb().live_mask();
+        s.invalidate(live)?;
+        s.commit()?;
+        KBox::new(s, GFP_NOWAIT | __GFP_NOWARN).map_err(|_| StoreError::Invalid("out of memory"))
     }
 
     fn plan(&self, st: &mut State, bio: &Bio, off: u64) -> core::result::Result<Action, StoreError> {

@@ -17,6 +17,7 @@ use crate::btree::{self, Exception, NodeStore, Root};
 use crate::journal::{self, Journal, ReplayReport};
 use cache::{Cache, CacheMem};
 use format::*;
+use core::ops::DerefMut;
 use superblock::*;
 
 /// Most dirty blocks one operation can add (splits up a full-depth tree, bitmaps, superblock).
@@ -94,11 +95,12 @@ pub enum Area {
     Data,
 }
 
-/// An open store.
-pub struct Store<D: BlockIo, M: CacheMem> {
+/// An open store.  `S` holds the decoded superblock (about 2 KiB: the caller puts it on the
+/// heap, so that the store itself stays small on the kernel stack).
+pub struct Store<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> {
     io: D,
     cache: Cache<M>,
-    sb: Super,
+    sb: S,
     sb_dirty: bool,
     journal: Journal,
     poisoned: Option<Error>,
@@ -174,20 +176,16 @@ pub fn format(io: &mut impl BlockIo, p: &FormatParams, scratch: &mut Block) -> R
     Ok(sb)
 }
 
-impl<D: BlockIo, M: CacheMem> Store<D, M> {
+impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
     /// Opens a store: validates the superblock, replays the journal, marks the store dirty.
-    pub fn open(mut io: D, mem: M) -> Result<Self> {
+    #[inline(never)]
+    pub fn open(mut io: D, mem: M, sb: S) -> Result<Self> {
         let mut cache = Cache::new(mem)?;
-        let (scratch, b2) = cache.scratch2();
-        io.read_block(0, scratch)?;
-        let sb0 = Super::decode(&io, scratch, 0, io.size_blocks())?;
-        let (journal, replay) = journal::replay(&mut io, &sb0.layout, sb0.store_id, scratch, b2)?;
-        io.read_block(STATE_BLOCK, scratch)?;
-        let sb = Super::decode(&io, scratch, STATE_BLOCK, io.size_blocks())?;
-        if sb.store_id != sb0.store_id || sb.layout != sb0.layout {
-            return Err(Error::Corrupt { block: 0, what: "journal replay changed the store layout" });
-        }
-        cache.drop_clean();
+        let (store_id, layout) = Self::read_identity(&mut io, &mut cache)?;
+        let (journal, replay) = {
+            let (a, b) = cache.scratch2();
+            journal::replay(&mut io, &layout, store_id, a, b)?
+        };
         let mut s = Store {
             io,
             cache,
@@ -199,25 +197,48 @@ impl<D: BlockIo, M: CacheMem> Store<D, M> {
             hint: [0; 2],
             replay,
         };
+        s.load_state(store_id, &layout)?;
+        s.cache.drop_clean();
         s.sb.flags |= SB_DIRTY;
         s.sb_dirty = true;
         s.commit()?;
         Ok(s)
     }
 
+    /// Store id and layout from the (static) superblock.
+    #[inline(never)]
+    fn read_identity(io: &mut D, cache: &mut Cache<M>) -> Result<(u64, Layout)> {
+        let scratch = cache.scratch(0);
+        io.read_block(0, scratch)?;
+        Super::decode_identity(io, scratch, io.size_blocks())
+    }
+
+    /// The state block, after replay; it must agree with the superblock.
+    #[inline(never)]
+    fn load_state(&mut self, store_id: u64, layout: &Layout) -> Result<()> {
+        let scratch = self.cache.scratch(0);
+        self.io.read_block(STATE_BLOCK, scratch)?;
+        let dev = self.io.size_blocks();
+        Super::decode_into(&self.io, scratch, STATE_BLOCK, dev, &mut *self.sb)?;
+        if self.sb.store_id != store_id || self.sb.layout != *layout {
+            return Err(Error::Corrupt { block: STATE_BLOCK, what: "state block disagrees with the superblock" });
+        }
+        Ok(())
+    }
+
     /// Commits, marks the store clean, and checkpoints.  Returns the I/O object and memory.
-    pub fn close(mut self) -> Result<(D, M)> {
+    pub fn close(mut self) -> Result<(D, M, S)> {
         self.commit()?;
         self.sb.flags &= !SB_DIRTY;
         self.sb_dirty = true;
         self.commit()?;
         journal::checkpoint(&mut self.io, &mut self.cache, &mut self.journal, self.sb.store_id)?;
-        Ok((self.io, self.cache.into_mem()))
+        Ok((self.io, self.cache.into_mem(), self.sb))
     }
 
     /// Gives back the I/O object and memory without committing (simulated crash).
-    pub fn abandon(self) -> (D, M) {
-        (self.io, self.cache.into_mem())
+    pub fn abandon(self) -> (D, M, S) {
+        (self.io, self.cache.into_mem(), self.sb)
     }
 
     /// The superblock as it stands in memory (committed or not).
@@ -298,14 +319,14 @@ impl<D: BlockIo, M: CacheMem> Store<D, M> {
     }
 
     /// Commits the current transaction through the journal.
+    #[inline(never)]
     pub fn commit(&mut self) -> Result<()> {
         self.check_usable()?;
         if self.sb_dirty {
             self.cache.begin_op();
             let r = self.cache.get_new(&mut self.io, STATE_BLOCK);
             let slot = self.guard(r)?;
-            let sb = self.sb;
-            sb.encode(self.cache.data_mut(slot), STATE_BLOCK);
+            self.sb.encode(self.cache.data_mut(slot), STATE_BLOCK);
         }
         let r = journal::commit(&mut self.io, &mut self.cache, &mut self.journal, self.sb.store_id);
         self.guard(r)?;
@@ -679,7 +700,7 @@ impl<D: BlockIo, M: CacheMem> Store<D, M> {
     }
 }
 
-impl<D: BlockIo, M: CacheMem> NodeStore for Store<D, M> {
+impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> NodeStore for Store<D, M, S> {
     fn node(&mut self, block: u64, level: u16, nonblocking: bool) -> Result<usize> {
         let l = self.sb.layout;
         if !l.is_meta(block) {

@@ -261,9 +261,82 @@ impl Super {
         }
     }
 
+    /// An all-zero superblock (to decode into).
+    pub const fn empty() -> Super {
+        const L: Layout = Layout {
+            total_blocks: 0,
+            chunk_sectors: 0,
+            journal_start: 0,
+            journal_blocks: 0,
+            meta_bitmap_start: 0,
+            meta_bitmap_blocks: 0,
+            data_bitmap_start: 0,
+            data_bitmap_blocks: 0,
+            meta_start: 0,
+            meta_blocks: 0,
+            data_start: 0,
+            data_chunks: 0,
+        };
+        const S: SnapSlot = SnapSlot { id: 0, flags: 0, create_seq: 0, owned: 0 };
+        Super {
+            store_id: 0,
+            uuid: [0; 16],
+            flags: 0,
+            layout: L,
+            meta_used: 0,
+            data_used: 0,
+            root: Root { block: 0, depth: 0 },
+            delete_cursor: 0,
+            next_seq: 0,
+            snaps: [S; MAX_SNAPSHOTS],
+        }
+    }
+
     /// Decodes and validates the superblock (`nr` 0) or the state block read from a device
     /// of `dev_blocks`.
     pub fn decode(io: &impl BlockIo, b: &Block, nr: u64, dev_blocks: u64) -> Result<Super> {
+        let mut sb = Super::empty();
+        Self::decode_into(io, b, nr, dev_blocks, &mut sb)?;
+        Ok(sb)
+    }
+
+    /// Store id and layout of a superblock, validated, without decoding the snapshot table
+    /// (small stack frame: the kernel stack is small).
+    #[inline(never)]
+    pub fn decode_identity(io: &impl BlockIo, b: &Block, dev_blocks: u64) -> Result<(u64, Layout)> {
+        if header_type(b) != BlockType::Super.tag() || b[SB_MAGIC_STR..SB_MAGIC_STR + 8] != MAGIC_STR[..] {
+            return Err(Error::NotAStore("no shared-snapshot superblock magic"));
+        }
+        let store_id = get64(b, 16);
+        check_header(io, b, BlockType::Super, 0, store_id)?;
+        if get32(b, SB_VERSION) != FORMAT_VERSION {
+            return Err(Error::NotAStore("unsupported format version"));
+        }
+        if get32(b, SB_BLOCKSIZE) as usize != BLOCK_SIZE {
+            return Err(Error::NotAStore("unsupported metadata block size"));
+        }
+        let g = |i: usize| get64(b, SB_LAYOUT + 8 * i);
+        let layout = Layout {
+            total_blocks: g(0),
+            chunk_sectors: get32(b, SB_CHUNK),
+            journal_start: g(1),
+            journal_blocks: g(2),
+            meta_bitmap_start: g(3),
+            meta_bitmap_blocks: g(4),
+            data_bitmap_start: g(5),
+            data_bitmap_blocks: g(6),
+            meta_start: g(7),
+            meta_blocks: g(8),
+            data_start: g(9),
+            data_chunks: g(10),
+        };
+        layout.validate(dev_blocks)?;
+        Ok((store_id, layout))
+    }
+
+    /// As `decode`, into `sb` (no large temporaries: the kernel stack is small).
+    #[inline(never)]
+    pub fn decode_into(io: &impl BlockIo, b: &Block, nr: u64, dev_blocks: u64, sb: &mut Super) -> Result<()> {
         let ty = if nr == 0 { BlockType::Super } else { BlockType::State };
         if nr == 0 && (header_type(b) != ty.tag() || b[SB_MAGIC_STR..SB_MAGIC_STR + 8] != MAGIC_STR[..]) {
             return Err(Error::NotAStore("no shared-snapshot superblock magic"));
@@ -293,20 +366,15 @@ impl Super {
             data_chunks: g(10),
         };
         layout.validate(dev_blocks)?;
-        let mut uuid = [0u8; 16];
-        uuid.copy_from_slice(&b[SB_UUID..SB_UUID + 16]);
-        let mut sb = Super {
-            store_id,
-            uuid,
-            flags: get32(b, SB_FLAGS),
-            layout,
-            meta_used: get64(b, SB_META_USED),
-            data_used: get64(b, SB_DATA_USED),
-            root: Root { block: get64(b, SB_ROOT), depth: get32(b, SB_DEPTH) },
-            delete_cursor: get64(b, SB_DELETE_CURSOR),
-            next_seq: get64(b, SB_NEXT_SEQ),
-            snaps: [SnapSlot::default(); MAX_SNAPSHOTS],
-        };
+        sb.store_id = store_id;
+        sb.uuid.copy_from_slice(&b[SB_UUID..SB_UUID + 16]);
+        sb.flags = get32(b, SB_FLAGS);
+        sb.layout = layout;
+        sb.meta_used = get64(b, SB_META_USED);
+        sb.data_used = get64(b, SB_DATA_USED);
+        sb.root = Root { block: get64(b, SB_ROOT), depth: get32(b, SB_DEPTH) };
+        sb.delete_cursor = get64(b, SB_DELETE_CURSOR);
+        sb.next_seq = get64(b, SB_NEXT_SEQ);
         let bad = |w| Err(Error::Corrupt { block: nr, what: w });
         if sb.meta_used > layout.meta_blocks || sb.data_used > layout.data_chunks {
             return bad("space counters exceed the areas");
@@ -332,7 +400,7 @@ impl Super {
                 }
             }
         }
-        Ok(sb)
+        Ok(())
     }
 
     /// Bitmap of live snapshot slots.

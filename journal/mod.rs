@@ -69,6 +69,7 @@ pub fn write_header(io: &mut impl BlockIo, j: &mut Journal, store_id: u64, scrat
 }
 
 /// Commits every dirty block of `cache` as one transaction.
+#[inline(never)]
 pub fn commit<M: CacheMem>(io: &mut impl BlockIo, cache: &mut Cache<M>, j: &mut Journal, store_id: u64) -> Result<()> {
     let n = cache.ndirty();
     if n == 0 {
@@ -165,6 +166,7 @@ fn check_tx(io: &mut impl BlockIo, j: &Journal, l: &Layout, store_id: u64, off: 
 
 /// Replays the journal from the header's position; returns the journal state to continue
 /// from (the header has been moved past what was replayed).
+#[inline(never)]
 pub fn replay(io: &mut impl BlockIo, l: &Layout, store_id: u64, d: &mut Block, b: &mut Block) -> Result<(Journal, ReplayReport)> {
     let mut best: Option<(JournalHeader, u64)> = None;
     for nr in [1u64, 2] {

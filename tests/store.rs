@@ -6,13 +6,18 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use shsnap_core::check;
 use shsnap_core::exception_store::format::{Block, BlockIo, Error, BLOCK_SIZE};
+use shsnap_core::exception_store::superblock::Super;
 use shsnap_core::exception_store::{format, FormatParams, OriginWrite, SnapWrite, Source, Store};
 use shsnap_core::host::{MemDev, VecMem};
 use std::collections::BTreeMap;
 
 const CHUNKS: u64 = 512;
 
-type S = Store<MemDev, VecMem>;
+type S = Store<MemDev, VecMem, Box<Super>>;
+
+fn sbox() -> Box<Super> {
+    Box::new(Super::empty())
+}
 
 fn new_dev(blocks: u64) -> MemDev {
     let mut dev = MemDev::new(blocks);
@@ -56,7 +61,7 @@ struct Sim {
 
 impl Sim {
     fn new(dev: MemDev) -> Sim {
-        let store = Store::open(dev, VecMem::new(256)).unwrap();
+        let store = Store::open(dev, VecMem::new(256), sbox()).unwrap();
         let model = Model { origin: vec![0; CHUNKS as usize], snaps: BTreeMap::new() };
         Sim { store: Some(store), committed: model.clone(), model, pending_origin: vec![], next_tag: 1, commits: 0, unacked: vec![] }
     }
@@ -238,11 +243,11 @@ fn model_random_ops() {
         }
         sim.commit().unwrap();
         let (m, o) = (sim.model.clone(), sim.model.origin.clone());
-        let (dev, _) = sim.store.take().unwrap().close().unwrap();
+        let (dev, _, _) = sim.store.take().unwrap().close().unwrap();
         check_clean(&dev);
         let (rep, _) = check::check(dev.clone());
         assert!(rep.clean);
-        let mut s = Store::open(dev, VecMem::new(128)).unwrap();
+        let mut s = Store::open(dev, VecMem::new(128), sbox()).unwrap();
         verify(&mut s, &m, &o).unwrap_or_else(|e| panic!("seed {} after reopen: {}", seed, e));
     }
     println!("model: {} random operations checked", total);
@@ -289,7 +294,7 @@ fn cow_full_invalidates_sharers_only() {
     let mut dev = MemDev::new(4096);
     let mut scratch = [0u8; BLOCK_SIZE];
     format(&mut dev, &FormatParams { chunk_sectors: 256, store_id: 9, uuid: [1; 16], meta_blocks: 0 }, &mut scratch).unwrap();
-    let mut s = Store::open(dev, VecMem::new(128)).unwrap();
+    let mut s = Store::open(dev, VecMem::new(128), sbox()).unwrap();
     let total = s.usage().data_total;
     let a = s.create_snapshot(1).unwrap();
     s.commit().unwrap();
@@ -303,7 +308,7 @@ fn cow_full_invalidates_sharers_only() {
     assert_eq!(s.origin_write(total + 1).unwrap(), OriginWrite::Invalidated(1 << a | 1 << b));
     assert_eq!(s.lookup(0, a, false), Err(Error::SnapshotInvalid));
     s.commit().unwrap();
-    let (dev, _) = s.close().unwrap();
+    let (dev, _, _) = s.close().unwrap();
     check_clean(&dev);
 }
 
@@ -343,7 +348,7 @@ fn crash_at(seed: u64, cut: u64, rng2: &mut SmallRng) -> bool {
         }
         m
     };
-    let (dev, _) = sim.store.take().unwrap().abandon();
+    let (dev, _, _) = sim.store.take().unwrap().abandon();
     let origin_now = sim.model.origin.clone();
     for trial in 0..4 {
         let n = dev.unflushed();
@@ -358,7 +363,7 @@ fn crash_at(seed: u64, cut: u64, rng2: &mut SmallRng) -> bool {
         };
         let (rep, _) = check::check(img.clone());
         assert!(rep.errors.is_empty(), "seed {} cut {} trial {}: check: {:?}", seed, cut, trial, rep.errors);
-        let mut s = Store::open(img, VecMem::new(128)).unwrap_or_else(|e| panic!("seed {} cut {}: open: {}", seed, cut, e));
+        let mut s = Store::open(img, VecMem::new(128), sbox()).unwrap_or_else(|e| panic!("seed {} cut {}: open: {}", seed, cut, e));
         // Origin content: writes whose commit returned are on the origin; a write whose
         // commit was in flight never reached it.
         let unacked = sim.unacked.clone();
@@ -404,15 +409,15 @@ fn corruption_is_detected() {
         }
     }
     sim.commit().unwrap();
-    let (dev, _) = sim.store.take().unwrap().close().unwrap();
+    let (dev, _, _) = sim.store.take().unwrap().close().unwrap();
     check_clean(&dev);
-    let sb = *Store::open(dev.clone(), VecMem::new(128)).unwrap().sb();
+    let sb = *Store::open(dev.clone(), VecMem::new(128), sbox()).unwrap().sb();
     let l = sb.layout;
     let (_, Some((_, map))) = check::check(dev.clone()) else { panic!() };
     assert!(!map.is_empty());
     // Metadata blocks in use: superblock, journal header, bitmaps, every allocated node.
     let mut targets = vec![(0u64, "superblock"), (3, "state block"), (l.meta_bitmap_start, "meta bitmap"), (l.data_bitmap_start, "data bitmap"), (sb.root.block, "btree root")];
-    let mut s = Store::open(dev.clone(), VecMem::new(128)).unwrap();
+    let mut s = Store::open(dev.clone(), VecMem::new(128), sbox()).unwrap();
     for i in 0..l.meta_blocks {
         if s.is_allocated(shsnap_core::exception_store::Area::Meta, i).unwrap() && l.meta_start + i != sb.root.block {
             targets.push((l.meta_start + i, "btree node"));
@@ -428,7 +433,7 @@ fn corruption_is_detected() {
             let (rep, _) = check::check(d.clone());
             assert!(!rep.errors.is_empty(), "flip of bit {} in {} block {} not detected by check", bit, what, blk);
             // Opening either fails cleanly or the damage surfaces as an error on use, never a panic.
-            if let Ok(mut s) = Store::open(d, VecMem::new(128)) {
+            if let Ok(mut s) = Store::open(d, VecMem::new(128), sbox()) {
                 let mut failed = false;
                 for c in 0..CHUNKS {
                     if s.lookup(c, 0, false).is_err() {
@@ -454,26 +459,26 @@ fn journal_damage_and_torn_commit() {
         sim.commit().unwrap();
     }
     let j = *sim.s().journal();
-    let (dev, _) = sim.store.take().unwrap().abandon();
+    let (dev, _, _) = sim.store.take().unwrap().abandon();
     // Flip a bit in an image of an early transaction: replay must refuse, not stop silently.
     let mut d = dev.clone();
     d.flip_bit(j.start + (j.tail % j.size) + 1, 100 * 8);
     let (rep, _) = check::check(d.clone());
     assert!(rep.errors.iter().any(|e| e.contains("journal")), "{:?}", rep.errors);
-    assert!(matches!(Store::open(d, VecMem::new(128)), Err(Error::Corrupt { .. })));
+    assert!(matches!(Store::open(d, VecMem::new(128), sbox()), Err(Error::Corrupt { .. })));
     // Random bytes and other formats are refused as not-a-store.
     let mut junk = MemDev::new(4096);
     let mut rng = SmallRng::seed_from_u64(1);
     let mut b = [0u8; BLOCK_SIZE];
     rng.fill(&mut b[..]);
     junk.poke(0, &b);
-    assert!(matches!(Store::open(junk, VecMem::new(128)), Err(Error::NotAStore(_))));
+    assert!(matches!(Store::open(junk, VecMem::new(128), sbox()), Err(Error::NotAStore(_))));
     // A truncated device is refused.
     let mut small = MemDev::new(dev.size_blocks() / 2);
     for blk in 0..small.size_blocks() {
         small.poke(blk, &dev.peek(blk));
     }
-    assert!(matches!(Store::open(small, VecMem::new(128)), Err(Error::NotAStore(_))));
+    assert!(matches!(Store::open(small, VecMem::new(128), sbox()), Err(Error::NotAStore(_))));
 }
 
 #[test]
@@ -486,7 +491,7 @@ fn delta_between_snapshots() {
     sim.create(2).unwrap();
     sim.snap_write(2, 20).unwrap();
     sim.commit().unwrap();
-    let (dev, _) = sim.store.take().unwrap().close().unwrap();
+    let (dev, _, _) = sim.store.take().unwrap().close().unwrap();
     let (rep, Some((sb, map))) = check::check(dev) else { panic!() };
     assert!(rep.errors.is_empty());
     let s1 = sb.slot_of(1);

@@ -3,17 +3,18 @@
 //! cost the same with 1 or 64 snapshots and grow only with log(exceptions).
 
 use shsnap_core::exception_store::format::BLOCK_SIZE;
+use shsnap_core::exception_store::superblock::Super;
 use shsnap_core::exception_store::{format, FormatParams, OriginWrite, Store};
 use shsnap_core::host::{MemDev, VecMem};
 use std::time::Instant;
 
-fn store(exceptions: u64, snaps: u32) -> Store<MemDev, VecMem> {
+fn store(exceptions: u64, snaps: u32) -> Store<MemDev, VecMem, Box<Super>> {
     let chunks = exceptions + 200_000;
     let blocks = chunks + chunks / 16 + 10_000;
     let mut dev = MemDev::new(blocks);
     let mut scratch = [0u8; BLOCK_SIZE];
     format(&mut dev, &FormatParams { chunk_sectors: 8, store_id: 42, uuid: [0; 16], meta_blocks: 0 }, &mut scratch).unwrap();
-    let mut s = Store::open(dev, VecMem::new(1024)).unwrap();
+    let mut s = Store::open(dev, VecMem::new(1024), Box::new(Super::empty())).unwrap();
     for id in 0..snaps {
         s.create_snapshot(id).unwrap();
     }

@@ -21,6 +21,8 @@ check_fails() { # the command must fail
 section() { echo "== $*"; }
 
 setup_guest() {
+    # Stream the kernel log to the host, so that a guest that dies still leaves its log.
+    [ -n "${DMSS_RUN:-}" ] && { dmesg -w > "$DMSS_RUN/kmsg.log" 2>&1 & }
     mountpoint -q /sys/kernel/debug || mount -t debugfs none /sys/kernel/debug 2>/dev/null || true
     [ -w /sys/kernel/debug/kmemleak ] && echo clear > /sys/kernel/debug/kmemleak
     dmesg -C
