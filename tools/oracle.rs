@@ -44,6 +44,10 @@ enum Cmd {
         max: u64,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Before writing, save the model as it will be after these writes under this name
+        /// (the "intent": after a power cut each block is either the old or the new state).
+        #[arg(long)]
+        intent: Option<String>,
     },
     /// Check that DEV reads exactly what the model of NAME says (or, block by block, what
     /// model ALT says: for states between two known points).
@@ -53,6 +57,9 @@ enum Cmd {
         #[arg(long)]
         alt: Option<String>,
     },
+    /// After a power cut: make NAME's model match DEV block by block, taking ALT's value
+    /// where the device holds it (fails if a block matches neither).
+    Adopt { name: String, dev: String, alt: String },
     /// Save the model of NAME as NAME2 (a checkpoint).
     Save { name: String, name2: String },
 }
@@ -122,16 +129,30 @@ fn main() -> ExitCode {
         Cmd::Drop { name } => {
             m.insert(name, None);
         }
-        Cmd::Write { name, dev, count, max, seed } => {
+        Cmd::Write { name, dev, count, max, seed, intent } => {
             let f = open(&dev, true);
             // Tags are unique across runs: seed and a counter.
             let mut rng = SmallRng::seed_from_u64(seed ^ (std::process::id() as u64) << 32);
             let v = m.entry(name.clone()).or_insert_with(|| Some(load(&dir, &name))).as_mut().unwrap();
             let n = v.len() as u64;
-            for _ in 0..count {
-                let len = rng.gen_range(1..=max.min(64).min(n));
-                let start = rng.gen_range(0..=n - len);
-                let tag = rng.gen::<u64>() | 1;
+            let plan: Vec<(u64, u64, u64)> = (0..count)
+                .map(|_| {
+                    let len = rng.gen_range(1..=max.min(64).min(n));
+                    (rng.gen_range(0..=n - len), len, rng.gen::<u64>() | 1)
+                })
+                .collect();
+            if let Some(intent) = intent {
+                let mut after = v.clone();
+                for &(start, len, tag) in &plan {
+                    for i in 0..len {
+                        after[(start + i) as usize] = tag;
+                    }
+                }
+                let mut im = Model::new();
+                im.insert(intent, Some(after));
+                save(&dir, &im);
+            }
+            for &(start, len, tag) in &plan {
                 for i in 0..len {
                     fill(&mut buf.0[i as usize * BS..(i as usize + 1) * BS], tag, start + i);
                 }
@@ -143,6 +164,26 @@ fn main() -> ExitCode {
                     v[(start + i) as usize] = tag;
                 }
             }
+        }
+        Cmd::Adopt { name, dev, alt } => {
+            let f = open(&dev, false);
+            let mut v = load(&dir, &name);
+            let a = load(&dir, &alt);
+            let mut want = vec![0u8; BS];
+            for i in 0..v.len() {
+                f.read_exact_at(&mut buf.0[..BS], (i * BS) as u64).unwrap();
+                fill(&mut want, v[i], i as u64);
+                if buf.0[..BS] == want[..] {
+                    continue;
+                }
+                fill(&mut want, a[i], i as u64);
+                if buf.0[..BS] != want[..] {
+                    eprintln!("{}: block {} matches neither model", name, i);
+                    return ExitCode::from(1);
+                }
+                v[i] = a[i];
+            }
+            m.insert(name, Some(v));
         }
         Cmd::Save { name, name2 } => {
             m.insert(name2, Some(load(&dir, &name)));

@@ -10,7 +10,7 @@ load() { dmsetup create ho --table "0 $LEN shared-origin /dev/vda ${1:-/dev/vdb}
 unload() { for d in hs1 hs2 ho; do dmsetup remove $d >/dev/null 2>&1; done; true; }
 refused() { # description dmesg-pattern [cow]
     dmesg -C
-    if load "$3"; then fail "$1: loaded"; unload; return; fi
+    if load "${3:-}"; then fail "$1: loaded"; unload; return; fi
     if dmesg | grep -q "$2"; then pass "$1: refused ($(dmesg | grep -o 'shared-origin: .*' | head -1))"; else fail "$1: no '$2' in dmesg"; dmesg | tail -3; fi
 }
 flip() { # dev block byte
@@ -24,16 +24,16 @@ os.fsync(f)"
 }
 
 section "foreign devices"
-mkfs.ext4 -q -F /dev/vdb >/dev/null 2>&1
+mkfs.ext4 -q -F /dev/vdb >/dev/null 2>&1; sync; blockdev --flushbufs /dev/vdb
 refused "ext4 on the COW device" "no shared-snapshot store"
-dd if=/dev/zero of=/dev/vdb bs=1M count=4 status=none
+dd if=/dev/zero of=/dev/vdb bs=1M count=4 oflag=direct status=none
 dmsetup create dsnap --table "0 $LEN snapshot /dev/vda /dev/vdb P 16" && dmsetup remove dsnap
 refused "a dm-snapshot store on the COW device" "no shared-snapshot store"
-dd if=/dev/urandom of=/dev/vdb bs=1M count=4 status=none
+dd if=/dev/urandom of=/dev/vdb bs=1M count=4 oflag=direct status=none
 refused "random data on the COW device" "no shared-snapshot store"
 
 section "a good store to damage"
-dd if=/dev/zero of=/dev/vdb bs=1M count=4 status=none
+dd if=/dev/zero of=/dev/vdb bs=1M count=4 oflag=direct status=none
 check "load on a zeroed COW device (formats)" load
 mapper_nodes
 $ORACLE init origin $((LEN / 8))
@@ -62,7 +62,7 @@ damaged() { # description block byte [block2]
         # Loaded (the block is read lazily): I/O touching it must fail cleanly.
         dmsetup create hs1 --table "0 $LEN shared-snapshot /dev/mapper/ho 1" 2>/dev/null && mapper_nodes
         dd if=/dev/mapper/hs1 of=/dev/null bs=1M iflag=direct status=none 2>/dev/null
-        $ORACLE write origin /dev/mapper/ho --count 50 --seed 9 >/dev/null 2>&1
+        $ORACLE write origin /dev/mapper/ho --count 300 --max 64 --seed 9 >/dev/null 2>&1
         if dmesg | grep -qiE "corrupt|checksum"; then pass "$1: detected on use ($(dmesg | grep -oiE '[^:]*(corrupt|checksum)[^(]*' | head -1))"; else fail "$1: not detected"; fi
         check "$1: origin keeps serving reads" dd if=/dev/mapper/ho of=/dev/null bs=1M count=4 iflag=direct status=none
         unload

@@ -11,14 +11,14 @@ swap() { # dev table
     dmsetup suspend --nolockfs $1 && dmsetup load $1 --table "$2" && dmsetup resume $1
 }
 up() { # cow
-    dmsetup create ho --table "0 $LEN shared-origin /dev/mapper/orig $1 16" && mapper_nodes
+    dmsetup info ho >/dev/null 2>&1 || { dmsetup create ho --table "0 $LEN shared-origin /dev/mapper/orig $1 16" && mapper_nodes; } || return 1
     dmsetup create hs1 --table "0 $LEN shared-snapshot /dev/mapper/ho 1" 2>/dev/null && mapper_nodes
     true
 }
 down() { for d in hs1 ho; do timeout 60 dmsetup remove $d >/dev/null 2>&1; done; ! dmsetup info ho >/dev/null 2>&1; }
 dmsetup create orig --table "0 $LEN linear /dev/vda 0"
 dmsetup create cowf --table "0 $COWSZ linear /dev/vdb 0"
-dd if=/dev/zero of=/dev/vdb bs=1M count=4 status=none
+dd if=/dev/zero of=/dev/vdb bs=1M count=4 oflag=direct status=none
 mapper_nodes
 
 section "the COW device dies"
@@ -41,7 +41,7 @@ check "devices can be removed" down
 swap cowf "0 $COWSZ linear /dev/vdb 0"
 
 section "an origin read error during copy-out (COW healthy): invalidation is recorded"
-dd if=/dev/zero of=/dev/vdb bs=1M count=4 status=none
+dd if=/dev/zero of=/dev/vdb bs=1M count=4 oflag=direct status=none
 check "origin up on a fresh store" up /dev/mapper/cowf
 dmsetup message ho 0 create 1
 up /dev/mapper/cowf
@@ -60,7 +60,8 @@ down
 
 section "a slow COW device (dm-delay, 30 ms)"
 dmsetup create cowd --table "0 $COWSZ delay /dev/vdb 0 30"; mapper_nodes
-dd if=/dev/zero of=/dev/vdb bs=1M count=4 status=none
+dd if=/dev/zero of=/dev/vdb bs=1M count=4 oflag=direct status=none
+dd if=/dev/zero of=/dev/mapper/orig bs=1M count=$((LEN / 2048)) oflag=direct status=none
 check "origin up on the slow device" up /dev/mapper/cowd
 $ORACLE init origin $((LEN / 8))
 dmsetup message ho 0 create 1; up /dev/mapper/cowd
