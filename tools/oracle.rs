@@ -48,6 +48,9 @@ enum Cmd {
         /// (the "intent": after a power cut each block is either the old or the new state).
         #[arg(long)]
         intent: Option<String>,
+        /// Before writing, save the current model under this name.
+        #[arg(long)]
+        prev: Option<String>,
     },
     /// Check that DEV reads exactly what the model of NAME says (or, block by block, what
     /// model ALT says: for states between two known points).
@@ -129,7 +132,7 @@ fn main() -> ExitCode {
         Cmd::Drop { name } => {
             m.insert(name, None);
         }
-        Cmd::Write { name, dev, count, max, seed, intent } => {
+        Cmd::Write { name, dev, count, max, seed, intent, prev } => {
             let f = open(&dev, true);
             // Tags are unique across runs: seed and a counter.
             let mut rng = SmallRng::seed_from_u64(seed ^ (std::process::id() as u64) << 32);
@@ -141,6 +144,11 @@ fn main() -> ExitCode {
                     (rng.gen_range(0..=n - len), len, rng.gen::<u64>() | 1)
                 })
                 .collect();
+            if let Some(prev) = prev {
+                let mut pm = Model::new();
+                pm.insert(prev, Some(v.clone()));
+                save(&dir, &pm);
+            }
             if let Some(intent) = intent {
                 let mut after = v.clone();
                 for &(start, len, tag) in &plan {

@@ -27,41 +27,60 @@ down() { for d in hs1 hs2 ho; do timeout 60 dmsetup remove $d >/dev/null 2>&1 ||
 
 check "create origin and two snapshots" sh -c "dmsetup create ho --table '0 $LEN shared-origin /dev/mapper/po /dev/mapper/pw 16' && dmsetup message ho 0 create 1 && dmsetup message ho 0 create 2 && dmsetup remove ho"
 $ORACLE init origin $((LEN / 8)); $ORACLE clone origin hs1; $ORACLE clone origin hs2
-for m in origin hs2; do $ORACLE save $m $m.intent; done
 survived=0; lost=0
 for r in $(seq 1 $ROUNDS); do
     up || { fail "round $r: reload"; break; }
-    # Load: single-write steps, each saving its intent first and its result after.
+    # Load: single-write steps.  Before a step: the model is saved as <dev>.prev and the
+    # step's result as <dev>.intent; after it: the step number goes to /tmp/done.
+    rm -f /tmp/stop; echo 0 > /tmp/done
     (
         k=0
-        while :; do
+        while [ ! -e /tmp/stop ]; do
             k=$((k + 1))
-            if [ $((k % 4)) = 0 ]; then
-                $ORACLE write hs2 /dev/mapper/hs2 --count 1 --max 16 --seed $((r * 1000 + k)) --intent hs2.intent || exit 0
-            else
-                $ORACLE write origin /dev/mapper/ho --count 1 --max 32 --seed $((r * 1000 + k)) --intent origin.intent || exit 0
-            fi
+            if [ $((k % 4)) = 0 ]; then m=hs2; d=/dev/mapper/hs2; else m=origin; d=/dev/mapper/ho; fi
+            echo $m > /tmp/cur
+            $ORACLE write $m $d --count 1 --max 32 --seed $((r * 1000 + k)) --prev $m.prev --intent $m.intent || exit 0
+            echo $k > /tmp/done
         done
     ) > /dev/null 2>&1 &
     load=$!
     sleep 0.$((RANDOM % 9 + 1))$((RANDOM % 10))
-    sleep $((RANDOM % 3))
+    sleep $((RANDOM % 2))
+    touch /tmp/stop; before=$(cat /tmp/done)                     # steps acknowledged before the cut
     swap "0 $SZ flakey /dev/vda 0 0 3600 1 drop_writes"          # the power cut
-    sleep 0.3
-    kill $load 2>/dev/null; wait $load 2>/dev/null
+    wait $load 2>/dev/null
+    after=$(cat /tmp/done)
     down                                                          # still dropping
     swap "0 $SZ linear /dev/vda 0"                                # power back
-    if $SHSNAP check /dev/mapper/pw > /tmp/check.out 2>&1; then :; else fail "round $r: shsnap check"; cat /tmp/check.out; lost=$((lost + 1)); continue; fi
+    if $SHSNAP check /dev/mapper/pw > /tmp/check.out 2>&1; then :; else fail "round $r: shsnap check"; cat /tmp/check.out; lost=$((lost + 1)); break; fi
     up || { fail "round $r: reload after the cut"; break; }
     ok=1
-    $ORACLE verify origin /dev/mapper/ho --alt origin.intent || ok=0
+    if [ "$after" = "$before" ]; then
+        # No step was in flight: every acknowledged write must be there, exactly.
+        $ORACLE verify origin /dev/mapper/ho || ok=0
+        $ORACLE verify hs2 /dev/mapper/hs2 || ok=0
+    else
+        # One step was in flight at the cut: each of its blocks holds the old or the new
+        # version; the other device must be exact.
+        cur=$(cat /tmp/cur)
+        for m in origin hs2; do
+            d=/dev/mapper/ho; [ $m = hs2 ] && d=/dev/mapper/hs2
+            if [ $m = $cur ]; then
+                $ORACLE verify $m.prev $d --alt $m.intent || ok=0
+                $ORACLE save $m.prev $m
+            else
+                $ORACLE verify $m $d || ok=0
+            fi
+        done
+    fi
     $ORACLE verify hs1 /dev/mapper/hs1 || ok=0
-    $ORACLE verify hs2 /dev/mapper/hs2 --alt hs2.intent || ok=0
-    if [ $ok = 1 ]; then survived=$((survived + 1)); else lost=$((lost + 1)); echo "  round $r: data wrong"; dmesg | tail -5; fi
+    echo "  round $r: $before steps acknowledged before the cut, $([ "$after" = "$before" ] && echo none || echo one) in flight: $([ $ok = 1 ] && echo intact || echo WRONG)"
+    if [ $ok = 1 ]; then survived=$((survived + 1)); else lost=$((lost + 1)); dmesg | tail -5; fi
     # The disk is the truth now: each block is the old or the new version; adopt it.
-    $ORACLE adopt origin /dev/mapper/ho origin.intent || ok=0
-    $ORACLE adopt hs2 /dev/mapper/hs2 hs2.intent || ok=0
-    for m in origin hs2; do $ORACLE save $m $m.intent; done
+    if [ "$after" != "$before" ]; then
+        cur=$(cat /tmp/cur); d=/dev/mapper/ho; [ $cur = hs2 ] && d=/dev/mapper/hs2
+        $ORACLE adopt $cur $d $cur.intent || ok=0
+    fi
     down
     [ $ok = 1 ] || break
 done
