@@ -51,6 +51,9 @@ enum Cmd {
         /// Before writing, save the current model under this name.
         #[arg(long)]
         prev: Option<String>,
+        /// Writes of this invocation never overlap (every block is old or final).
+        #[arg(long)]
+        disjoint: bool,
     },
     /// Check that DEV reads exactly what the model of NAME says (or, block by block, what
     /// model ALT says: for states between two known points).
@@ -132,18 +135,21 @@ fn main() -> ExitCode {
         Cmd::Drop { name } => {
             m.insert(name, None);
         }
-        Cmd::Write { name, dev, count, max, seed, intent, prev } => {
+        Cmd::Write { name, dev, count, max, seed, intent, prev, disjoint } => {
             let f = open(&dev, true);
             // Tags are unique across runs: seed and a counter.
             let mut rng = SmallRng::seed_from_u64(seed ^ (std::process::id() as u64) << 32);
             let v = m.entry(name.clone()).or_insert_with(|| Some(load(&dir, &name))).as_mut().unwrap();
             let n = v.len() as u64;
-            let plan: Vec<(u64, u64, u64)> = (0..count)
-                .map(|_| {
-                    let len = rng.gen_range(1..=max.min(64).min(n));
-                    (rng.gen_range(0..=n - len), len, rng.gen::<u64>() | 1)
-                })
-                .collect();
+            let mut plan: Vec<(u64, u64, u64)> = Vec::new();
+            while (plan.len() as u64) < count {
+                let len = rng.gen_range(1..=max.min(64).min(n));
+                let start = rng.gen_range(0..=n - len);
+                if disjoint && plan.iter().any(|&(s, l, _)| start < s + l && s < start + len) {
+                    continue;
+                }
+                plan.push((start, len, rng.gen::<u64>() | 1));
+            }
             if let Some(prev) = prev {
                 let mut pm = Model::new();
                 pm.insert(prev, Some(v.clone()));
