@@ -500,3 +500,27 @@ fn delta_between_snapshots() {
     assert_eq!(check::delta(&map, s1, s2), vec![(3, 6), (9, 10), (20, 21)]);
     assert_eq!(check::delta(&map, s2, None), vec![(20, 21)]);
 }
+
+#[test]
+fn wrong_version_and_foreign_store_id_refused() {
+    use shsnap_core::exception_store::format::{get32, put32, seal};
+    let dev = new_dev(4096);
+    // A newer format version, correctly checksummed: refused as not-a-store.
+    let mut d = dev.clone();
+    let mut b = d.peek(0);
+    let v = get32(&b, 32);
+    put32(&mut b, 32, v + 1);
+    seal(&d, &mut b);
+    d.poke(0, &b);
+    assert!(matches!(Store::open(d.clone(), VecMem::new(128), sbox()), Err(Error::NotAStore(_))));
+    let (rep, _) = check::check(d);
+    assert!(rep.errors.iter().any(|e| e.contains("version")), "{:?}", rep.errors);
+    // A state block from another store (other store id) is refused.
+    let other = new_dev(4096);
+    let mut d = dev.clone();
+    let mut b = other.peek(3);
+    b[16] ^= 0xff; // another store id, resealed
+    seal(&d, &mut b);
+    d.poke(3, &b);
+    assert!(Store::open(d, VecMem::new(128), sbox()).is_err());
+}
