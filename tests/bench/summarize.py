@@ -86,7 +86,7 @@ for b in backings:
         for t in targets + ["raw"]:
             cmds.append(f"'{dat}' index {idx} with linespoints title '{'dm-' + t if t in ('thin', 'snapshot') else t}'")
             idx += 1
-        plots.append(f"set title '{b}: {w}'; plot " + ", ".join(cmds))
+        plots.append(f"set title '{b}: {w}' noenhanced; plot " + ", ".join(cmds))
 gp = ["set terminal png size 1600,{} font ',10'".format(400 * ((len(plots) + 2) // 3)),
       f"set output '{os.path.join(out, 'plot.png')}'",
       f"set multiplot layout {(len(plots) + 2) // 3},3",
