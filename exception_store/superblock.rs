@@ -304,11 +304,18 @@ impl Super {
     /// (small stack frame: the kernel stack is small).
     #[inline(never)]
     pub fn decode_identity(io: &impl BlockIo, b: &Block, dev_blocks: u64) -> Result<(u64, Layout)> {
-        if header_type(b) != BlockType::Super.tag() || b[SB_MAGIC_STR..SB_MAGIC_STR + 8] != MAGIC_STR[..] {
+        Self::identity(io, b, 0, dev_blocks)
+    }
+
+    /// Checks the header, magic (block 0), version and block size of the superblock or
+    /// state block `nr`, and decodes and validates its layout.
+    fn identity(io: &impl BlockIo, b: &Block, nr: u64, dev_blocks: u64) -> Result<(u64, Layout)> {
+        let ty = if nr == 0 { BlockType::Super } else { BlockType::State };
+        if nr == 0 && (header_type(b) != ty.tag() || b[SB_MAGIC_STR..SB_MAGIC_STR + 8] != MAGIC_STR[..]) {
             return Err(Error::NotAStore("no shared-snapshot superblock magic"));
         }
         let store_id = get64(b, 16);
-        check_header(io, b, BlockType::Super, 0, store_id)?;
+        check_header(io, b, ty, nr, store_id)?;
         if get32(b, SB_VERSION) != FORMAT_VERSION {
             return Err(Error::NotAStore("unsupported format version"));
         }
@@ -337,35 +344,7 @@ impl Super {
     /// As `decode`, into `sb` (no large temporaries: the kernel stack is small).
     #[inline(never)]
     pub fn decode_into(io: &impl BlockIo, b: &Block, nr: u64, dev_blocks: u64, sb: &mut Super) -> Result<()> {
-        let ty = if nr == 0 { BlockType::Super } else { BlockType::State };
-        if nr == 0 && (header_type(b) != ty.tag() || b[SB_MAGIC_STR..SB_MAGIC_STR + 8] != MAGIC_STR[..]) {
-            return Err(Error::NotAStore("no shared-snapshot superblock magic"));
-        }
-        let store_id = get64(b, 16);
-        check_header(io, b, ty, nr, store_id)?;
-        let version = get32(b, SB_VERSION);
-        if version != FORMAT_VERSION {
-            return Err(Error::NotAStore("unsupported format version"));
-        }
-        if get32(b, SB_BLOCKSIZE) as usize != BLOCK_SIZE {
-            return Err(Error::NotAStore("unsupported metadata block size"));
-        }
-        let g = |i: usize| get64(b, SB_LAYOUT + 8 * i);
-        let layout = Layout {
-            total_blocks: g(0),
-            chunk_sectors: get32(b, SB_CHUNK),
-            journal_start: g(1),
-            journal_blocks: g(2),
-            meta_bitmap_start: g(3),
-            meta_bitmap_blocks: g(4),
-            data_bitmap_start: g(5),
-            data_bitmap_blocks: g(6),
-            meta_start: g(7),
-            meta_blocks: g(8),
-            data_start: g(9),
-            data_chunks: g(10),
-        };
-        layout.validate(dev_blocks)?;
+        let (store_id, layout) = Self::identity(io, b, nr, dev_blocks)?;
         sb.store_id = store_id;
         sb.uuid.copy_from_slice(&b[SB_UUID..SB_UUID + 16]);
         sb.flags = get32(b, SB_FLAGS);
