@@ -64,7 +64,7 @@ nfl=$(wc -l < /tmp/flushes)
 stride=$(( nfl / ${FLUSH_POINTS:-24} + 1 )); [ "${EXTENDED:-0}" = 1 ] && stride=1
 { awk '{print $1, $2}' /tmp/marks; awk -v s=$stride 'NR % s == 0 { print $1, "-" }' /tmp/flushes; } | sort -n > /tmp/points
 dd if=/dev/zero of=/dev/vdc bs=1M count=$(( (LEN + COWLEN) / 2048 )) oflag=direct status=none
-pos=0; prev_mark=""; points=0; bad=0; marks_ok=0; flush_ok=0
+pos=0; cur=""; points=0; bad=0; marks_ok=0; flush_ok=0
 while read -r entry name; do
     $SHSNAP replay-log /dev/vdb --target /dev/vdc --from $pos --to $entry 2>/dev/null || { fail "replay to $entry"; break; }
     pos=$((entry + 1))
