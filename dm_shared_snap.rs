@@ -444,9 +444,10 @@ impl TargetOps for Origin {
     }
 
     fn device(&self, idx: u32) -> Option<DevHandle> {
+        // Only the origin is mapped linearly over [0, len): the COW device is addressed at
+        // arbitrary offsets and may be smaller than the origin (as in dm-snapshot).
         match idx {
             0 => Some(self.shared.origin_h),
-            1 => Some(self.shared.cow_h),
             _ => None,
         }
     }
