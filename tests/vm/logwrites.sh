@@ -29,7 +29,7 @@ $ORACLE init origin $((LEN / 8))
 ok=1
 for k in $(seq 1 $STEPS); do
     case $((k % 4)) in
-        1) dmsetup message ho 0 create $k && $ORACLE save origin s$k ;;
+        1) dmsetup message ho 0 create $k && $ORACLE save origin s$k && $ORACLE save origin c$k ;;
         3) old=$((k - 2)); [ $old -gt 4 ] && dmsetup message ho 0 delete $((old - 4)) && $ORACLE drop s$((old - 4)) ;;
     esac
     $ORACLE write origin /dev/mapper/ho --count 6 --max 32 --disjoint --seed $k || ok=0
@@ -56,7 +56,7 @@ $SHSNAP replay-log /dev/vdb --list > /tmp/log.list
 echo "  log: $(wc -l < /tmp/log.list) entries, $(grep -c ' mark ' /tmp/log.list) marks, $(grep -cE ' (flush|fua|flush,fua) ' /tmp/log.list) flush/FUA entries"
 # checkpoints: "<entry> <mark-name or -> <previous mark step>"
 awk -v limit="${FLUSH_POINTS:-24}" -v all="${EXTENDED:-0}" '
-    $2 == "mark" { name = $5; print $1, name; next }
+    $2 == "mark" && ($5 == "start" || $5 ~ /^m[0-9]+$/) { name = $5; print $1, name; next }
     $2 ~ /flush|fua/ { f[nf++] = $1 }
     END { }' /tmp/log.list > /tmp/marks
 awk '$2 ~ /flush|fua/ { print $1 }' /tmp/log.list > /tmp/flushes
@@ -103,7 +103,8 @@ while read -r entry name; do
             fi
             for s in $ids; do
                 dmsetup create rhs --table "0 $LEN shared-snapshot /dev/mapper/rho $s" && mapper_nodes
-                ref=m$pstep.s$s; [ -e /tmp/oracle/$ref ] || ref=m$nstep.s$s
+                # before: its state at the previous mark, or at its creation if created since
+                ref=m$pstep.s$s; [ -e /tmp/oracle/$ref ] || ref=c$s
                 alt=m$nstep.s$s; [ -e /tmp/oracle/$alt ] || alt=$ref
                 [ -e /tmp/oracle/$ref ] && { $ORACLE verify $ref /dev/mapper/rhs --alt $alt >/dev/null 2>&1 || { pt_ok=0; echo "  entry $entry: snapshot $s neither m$pstep nor m$nstep"; }; }
                 dmsetup remove rhs
