@@ -14,8 +14,8 @@
 //! the batch), wait for snapshot reads still reading the origin, then release the bios.
 
 use core::fmt::Write;
-use kernel::prelude::*;
 use kernel::c_str;
+use kernel::prelude::*;
 use kernel::sync::Arc;
 
 #[allow(dead_code, unreachable_pub, clippy::all)]
@@ -150,8 +150,14 @@ fn fail(t: &Target, msg: &'static CStr, e: Error) -> Error {
 /// The errno and ti->error message for a store that cannot be opened.
 fn open_error(e: StoreError) -> (&'static CStr, Error) {
     match e {
-        StoreError::NotAStore(_) => (c_str!("COW device holds no shared-snapshot store (foreign data, wrong version or truncated)"), EINVAL),
-        StoreError::Corrupt { .. } => (c_str!("COW device metadata is corrupt (see dmesg, run shsnap check)"), EINVAL),
+        StoreError::NotAStore(_) => (
+            c_str!("COW device holds no shared-snapshot store (foreign data, wrong version or truncated)"),
+            EINVAL,
+        ),
+        StoreError::Corrupt { .. } => (
+            c_str!("COW device metadata is corrupt (see dmesg, run shsnap check)"),
+            EINVAL,
+        ),
         StoreError::Io { .. } => (c_str!("I/O error reading the COW device"), EIO),
         StoreError::Invalid(_) => (c_str!("COW device too small for a store"), EINVAL),
         _ => (c_str!("cannot open the exception store"), EINVAL),
@@ -173,13 +179,22 @@ impl Origin {
             return Err(fail(t, c_str!("I/O error reading the COW device"), EIO));
         }
         if is_zero(block) {
-            let p = FormatParams { chunk_sectors: chunk, store_id: dm::random_u64() | 1, uuid: [0; 16], meta_blocks: 0 };
+            let p = FormatParams {
+                chunk_sectors: chunk,
+                store_id: dm::random_u64() | 1,
+                uuid: [0; 16],
+                meta_blocks: 0,
+            };
             if let Err(e) = exception_store::format(io, &p, block) {
                 pr_err!("{}: formatting the COW device: {}\n", cow.name(), e);
                 let (m, e) = open_error(e);
                 return Err(fail(t, m, e));
             }
-            pr_info!("{}: formatted a new exception store, chunk {} sectors\n", cow.name(), chunk);
+            pr_info!(
+                "{}: formatted a new exception store, chunk {} sectors\n",
+                cow.name(),
+                chunk
+            );
         }
         Ok(())
     }
@@ -193,11 +208,24 @@ impl Origin {
         match Store::open(io, mem, sb) {
             Ok(s) => {
                 if s.sb().layout.chunk_sectors != chunk {
-                    pr_err!("{}: store has chunk size {}, table says {}\n", cow.name(), s.sb().layout.chunk_sectors, chunk);
-                    return Err(fail(t, c_str!("chunk size differs from the one the COW device was formatted with"), EINVAL));
+                    pr_err!(
+                        "{}: store has chunk size {}, table says {}\n",
+                        cow.name(),
+                        s.sb().layout.chunk_sectors,
+                        chunk
+                    );
+                    return Err(fail(
+                        t,
+                        c_str!("chunk size differs from the one the COW device was formatted with"),
+                        EINVAL,
+                    ));
                 }
                 if s.replay.applied > 0 {
-                    pr_info!("{}: journal replay applied {} transactions\n", cow.name(), s.replay.applied);
+                    pr_info!(
+                        "{}: journal replay applied {} transactions\n",
+                        cow.name(),
+                        s.replay.applied
+                    );
                 }
                 Ok(KBox::new(s, GFP_KERNEL)?)
             }
@@ -213,13 +241,21 @@ impl Origin {
 impl TargetOps for Origin {
     fn ctr(t: &Target, args: &[&CStr]) -> Result<KBox<Self>> {
         if args.len() < 3 {
-            return Err(fail(t, c_str!("expected <origin_dev> <cow_dev> <chunk_sectors> [<#features> <feature>...]"), EINVAL));
+            return Err(fail(
+                t,
+                c_str!("expected <origin_dev> <cow_dev> <chunk_sectors> [<#features> <feature>...]"),
+                EINVAL,
+            ));
         }
         let Some(chunk) = parse_u32(args[2]) else {
             return Err(fail(t, c_str!("invalid chunk size"), EINVAL));
         };
         if !chunk.is_power_of_two() || !(8..=2048).contains(&chunk) {
-            return Err(fail(t, c_str!("chunk size must be a power of two from 8 to 2048 sectors"), EINVAL));
+            return Err(fail(
+                t,
+                c_str!("chunk size must be a power of two from 8 to 2048 sectors"),
+                EINVAL,
+            ));
         }
         if args.len() > 3 {
             let Some(nf) = parse_u32(args[3]) else {
@@ -232,8 +268,12 @@ impl TargetOps for Origin {
                 return Err(fail(t, c_str!("unknown feature"), EINVAL));
             }
         }
-        let origin = t.get_device(args[0]).map_err(|e| fail(t, c_str!("cannot open origin device"), e))?;
-        let cow = t.get_device(args[1]).map_err(|e| fail(t, c_str!("cannot open COW device"), e))?;
+        let origin = t
+            .get_device(args[0])
+            .map_err(|e| fail(t, c_str!("cannot open origin device"), e))?;
+        let cow = t
+            .get_device(args[1])
+            .map_err(|e| fail(t, c_str!("cannot open COW device"), e))?;
         if origin.devt() == cow.devt() {
             return Err(fail(t, c_str!("origin and COW device must differ"), EINVAL));
         }
@@ -246,14 +286,21 @@ impl TargetOps for Origin {
         }
         let store = Self::open_store(t, &cow, chunk)?;
         let cache_bytes = store.mem().bytes();
-        t.setup(chunk, 1).map_err(|e| fail(t, c_str!("cannot set the maximum I/O size"), e))?;
+        t.setup(chunk, 1)
+            .map_err(|e| fail(t, c_str!("cannot set the maximum I/O size"), e))?;
         let data_sector = store.sb().layout.chunk_sector(0);
         let nsnaps = store.sb().live_mask().count_ones();
         let usage = store.usage();
         let shared = Arc::new(
             Shared {
                 worker: Worker::new(),
-                state: TryMutex::new(State { store: Some(store), failed: None, snap_refs: [0; MAX_SNAPSHOTS], stats: Stats::default(), gave_up: false })?,
+                state: TryMutex::new(State {
+                    store: Some(store),
+                    failed: None,
+                    snap_refs: [0; MAX_SNAPSHOTS],
+                    stats: Stats::default(),
+                    gave_up: false,
+                })?,
                 copier: Copier::new()?,
                 writes_inflight: Inflight::new()?,
                 snap_reads: Inflight::new()?,
@@ -273,7 +320,11 @@ impl TargetOps for Origin {
         shared.worker.start(&shared)?;
         if let Err(e) = ORIGINS.insert(shared.md_devt, shared.clone()) {
             shared.worker.shutdown();
-            return Err(fail(t, c_str!("this device already has an active shared-snapshot origin"), e));
+            return Err(fail(
+                t,
+                c_str!("this device already has an active shared-snapshot origin"),
+                e,
+            ));
         }
         pr_info!(
             "origin {} on COW {}: {} snapshots, {}/{} chunks, {}/{} metadata blocks, cache {} KiB\n",
@@ -349,9 +400,21 @@ impl TargetOps for Origin {
                     (None, Some(s)) => {
                         let u = s.usage();
                         let sb = s.sb();
-                        let _ = write!(out, "{}/{} {}/{} {} ok ", u.data_used, u.data_total, u.meta_used, u.meta_total, sb.live_mask().count_ones());
+                        let _ = write!(
+                            out,
+                            "{}/{} {}/{} {} ok ",
+                            u.data_used,
+                            u.data_total,
+                            u.meta_used,
+                            u.meta_total,
+                            sb.live_mask().count_ones()
+                        );
                         let mut any = false;
-                        for snap in sb.snaps.iter().filter(|x| x.flags & SNAP_LIVE != 0 && x.flags & SNAP_INVALID != 0) {
+                        for snap in sb
+                            .snaps
+                            .iter()
+                            .filter(|x| x.flags & SNAP_LIVE != 0 && x.flags & SNAP_INVALID != 0)
+                        {
                             let _ = write!(out, "{}{}", if any { "," } else { "invalid:" }, snap.id);
                             any = true;
                         }
@@ -386,7 +449,9 @@ impl TargetOps for Origin {
                     pr_err!("{}: COW device failed; snapshots unavailable\n", sh.origin.name());
                     return Err(EIO);
                 }
-                let Some(store) = st.store.as_mut() else { return Err(EIO) };
+                let Some(store) = st.store.as_mut() else {
+                    return Err(EIO);
+                };
                 if cmd == "create" {
                     // Writes mapped straight through before this point must be on the origin
                     // before the snapshot exists; new ones wait for the lock we hold.
@@ -420,7 +485,10 @@ impl TargetOps for Origin {
                 Ok(())
             }
             _ => {
-                pr_err!("{}: unknown message (expected create <id>, delete <id> or list)\n", sh.origin.name());
+                pr_err!(
+                    "{}: unknown message (expected create <id>, delete <id> or list)\n",
+                    sh.origin.name()
+                );
                 Err(EINVAL)
             }
         }
@@ -514,7 +582,11 @@ impl Shared {
     fn delete(&self, store: &mut KStore, refs: &[u32; MAX_SNAPSHOTS], id: u32) -> Result {
         if let Some(slot) = store.sb().slot_of(id) {
             if refs[slot] > 0 {
-                pr_err!("{}: snapshot {} has an active device; remove it first\n", self.origin.name(), id);
+                pr_err!(
+                    "{}: snapshot {} has an active device; remove it first\n",
+                    self.origin.name(),
+                    id
+                );
                 return Err(EBUSY);
             }
         }
@@ -545,15 +617,28 @@ impl Shared {
         if st.failed.is_some() {
             return;
         }
-        pr_err!("{}: {} ({}); invalidating all snapshots of {}\n", self.cow.name(), why, e, self.origin.name());
+        pr_err!(
+            "{}: {} ({}); invalidating all snapshots of {}\n",
+            self.cow.name(),
+            why,
+            e,
+            self.origin.name()
+        );
         self.event.raise();
         match st.store.take().map(|old| Self::reopen_invalidated(old)) {
             Some(Ok(b)) => {
-                pr_err!("{}: snapshots marked invalid on disk; the origin continues\n", self.cow.name());
+                pr_err!(
+                    "{}: snapshots marked invalid on disk; the origin continues\n",
+                    self.cow.name()
+                );
                 st.store = Some(b);
             }
             Some(Err(e2)) => {
-                pr_err!("{}: cannot record the invalidation ({}); snapshots fail until reactivation\n", self.cow.name(), e2);
+                pr_err!(
+                    "{}: cannot record the invalidation ({}); snapshots fail until reactivation\n",
+                    self.cow.name(),
+                    e2
+                );
                 st.failed = Some(why);
             }
             None => st.failed = Some(why),
@@ -575,15 +660,25 @@ impl Shared {
         let chunk = self.chunk_of(off);
         let snap = tag & TAG_SNAP != 0;
         if st.failed.is_some() || st.store.is_none() {
-            return Ok(if snap { Action::Fail(EIO) } else { Action::OriginWrite(None) });
+            return Ok(if snap {
+                Action::Fail(EIO)
+            } else {
+                Action::OriginWrite(None)
+            });
         }
-        let Some(store) = st.store.as_mut() else { return Ok(Action::Fail(EIO)) };
+        let Some(store) = st.store.as_mut() else {
+            return Ok(Action::Fail(EIO));
+        };
         if !snap {
             return match store.origin_write(chunk) {
                 Ok(OriginWrite::NoCopy) => Ok(Action::OriginWrite(None)),
                 Ok(OriginWrite::Copy(c)) => Ok(Action::OriginWrite(Some(c))),
                 Ok(OriginWrite::Invalidated(mask)) => {
-                    pr_err!("{}: COW device full: invalidated snapshot slots {:#x}\n", self.cow.name(), mask);
+                    pr_err!(
+                        "{}: COW device full: invalidated snapshot slots {:#x}\n",
+                        self.cow.name(),
+                        mask
+                    );
                     self.event.raise();
                     Ok(Action::OriginWrite(None))
                 }
@@ -609,11 +704,18 @@ impl Shared {
             Ok(SnapWrite::InPlace(c)) => Ok(Action::SnapWrite { dst: c, from: None }),
             Ok(SnapWrite::Copy { from, to }) => {
                 let whole = bio.sectors() as u64 == self.chunk_sectors;
-                Ok(Action::SnapWrite { dst: to, from: if whole { None } else { Some(from) } })
+                Ok(Action::SnapWrite {
+                    dst: to,
+                    from: if whole { None } else { Some(from) },
+                })
             }
             Err(StoreError::TxFull) => Err(StoreError::TxFull),
             Err(StoreError::NoDataSpace) => {
-                pr_err!("{}: COW device full: snapshot slot {} invalidated\n", self.cow.name(), slot);
+                pr_err!(
+                    "{}: COW device full: snapshot slot {} invalidated\n",
+                    self.cow.name(),
+                    slot
+                );
                 self.event.raise();
                 Ok(Action::Fail(EIO))
             }
@@ -686,7 +788,9 @@ impl Shared {
             copying = true;
             st.stats.copied_chunks += 1;
             match run.as_mut() {
-                Some((d, s, t, len)) if d.same(&dev) && *s + *len == src && *t + *len == dst => *len += self.chunk_sectors,
+                Some((d, s, t, len)) if d.same(&dev) && *s + *len == src && *t + *len == dst => {
+                    *len += self.chunk_sectors
+                }
                 _ => {
                     if let Some((d, s, t, len)) = run.take() {
                         self.copier.copy(d, s, self.cow_h, t, len);
@@ -721,7 +825,9 @@ impl Shared {
         }
         let failed = st.failed.is_some() || st.gave_up;
         for it in items[..n].iter_mut() {
-            let Some(Item { mut bio, off, action }) = it.take() else { continue };
+            let Some(Item { mut bio, off, action }) = it.take() else {
+                continue;
+            };
             match action {
                 Action::OriginWrite(_) => {
                     bio.remap(self.origin_h, off);
@@ -753,7 +859,9 @@ impl Shared {
         if !s.delete_pending() {
             return false;
         }
-        let r = s.delete_step(DELETE_STEP_LEAVES).and_then(|more| s.commit().map(|_| more));
+        let r = s
+            .delete_step(DELETE_STEP_LEAVES)
+            .and_then(|more| s.commit().map(|_| more));
         match r {
             Ok(more) => more,
             Err(e) => {
@@ -787,9 +895,15 @@ impl TargetOps for Snapshot {
         let Some(id) = parse_u32(args[1]) else {
             return Err(fail(t, c_str!("invalid snapshot id"), EINVAL));
         };
-        let origin_md = t.get_device(args[0]).map_err(|e| fail(t, c_str!("cannot open origin device"), e))?;
+        let origin_md = t
+            .get_device(args[0])
+            .map_err(|e| fail(t, c_str!("cannot open origin device"), e))?;
         let Some(shared) = ORIGINS.get(origin_md.devt()) else {
-            return Err(fail(t, c_str!("device is not an active shared-snapshot origin"), ENODEV));
+            return Err(fail(
+                t,
+                c_str!("device is not an active shared-snapshot origin"),
+                ENODEV,
+            ));
         };
         if t.len() > shared.origin_sectors {
             return Err(fail(t, c_str!("snapshot is larger than its origin"), EINVAL));
@@ -805,8 +919,17 @@ impl TargetOps for Snapshot {
             st.snap_refs[slot] += 1;
             slot
         };
-        t.setup(shared.chunk_sectors as u32, 1).map_err(|e| fail(t, c_str!("cannot set the maximum I/O size"), e))?;
-        Ok(KBox::new(Snapshot { shared, slot, id, origin_md }, GFP_KERNEL)?)
+        t.setup(shared.chunk_sectors as u32, 1)
+            .map_err(|e| fail(t, c_str!("cannot set the maximum I/O size"), e))?;
+        Ok(KBox::new(
+            Snapshot {
+                shared,
+                slot,
+                id,
+                origin_md,
+            },
+            GFP_KERNEL,
+        )?)
     }
 
     fn dtr(self: KBox<Self>, _t: &Target) {

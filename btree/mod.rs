@@ -6,8 +6,7 @@
 //! fixed arrays bounded by `MAX_DEPTH`.
 
 use crate::exception_store::format::{
-    get16, get64, put16, put64, Block, BlockType, Error, Result, BLOCK_SIZE, HEADER_SIZE, MAX_DEPTH,
-    MAX_SNAPSHOTS,
+    get16, get64, put16, put64, Block, BlockType, Error, Result, BLOCK_SIZE, HEADER_SIZE, MAX_DEPTH, MAX_SNAPSHOTS,
 };
 
 /// Offset of the entry count (u16) in a node header.
@@ -93,7 +92,11 @@ pub fn node_type(level: u16) -> BlockType {
 /// Exception `i` of a leaf.
 pub fn leaf_entry(b: &Block, i: usize) -> Exception {
     let o = HEADER_SIZE + i * LEAF_ENTRY;
-    Exception { chunk: get64(b, o), cow: get64(b, o + 8), share: get64(b, o + 16) }
+    Exception {
+        chunk: get64(b, o),
+        cow: get64(b, o + 8),
+        share: get64(b, o + 16),
+    }
 }
 
 fn set_leaf_entry(b: &mut Block, i: usize, e: &Exception) {
@@ -122,7 +125,13 @@ fn set_internal_entry(b: &mut Block, i: usize, key: u64, child: u64) {
 
 /// Structural validation of a node just read: level, count, ordering, child range.
 /// `child_ok` says whether a child block number is plausible.
-pub fn validate_node(b: &Block, blk: u64, want_level: u16, child_ok: impl Fn(u64) -> bool, cow_ok: impl Fn(u64) -> bool) -> Result<()> {
+pub fn validate_node(
+    b: &Block,
+    blk: u64,
+    want_level: u16,
+    child_ok: impl Fn(u64) -> bool,
+    cow_ok: impl Fn(u64) -> bool,
+) -> Result<()> {
     let corrupt = |what| Err(Error::Corrupt { block: blk, what });
     if level(b) != want_level {
         return corrupt("btree node at unexpected level");
@@ -236,9 +245,17 @@ pub struct Path {
 /// Descends to the leaf covering `key`.
 pub fn find_leaf(ns: &mut impl NodeStore, root: Root, key: u64, nonblocking: bool) -> Result<Path> {
     if root.depth == 0 || root.depth as usize > MAX_DEPTH {
-        return Err(Error::Corrupt { block: root.block, what: "btree depth out of range" });
+        return Err(Error::Corrupt {
+            block: root.block,
+            what: "btree depth out of range",
+        });
     }
-    let mut path = Path { nodes: [(0, 0, 0); MAX_DEPTH], len: 0, leaf: (0, 0), upper: None };
+    let mut path = Path {
+        nodes: [(0, 0, 0); MAX_DEPTH],
+        len: 0,
+        leaf: (0, 0),
+        upper: None,
+    };
     let mut blk = root.block;
     let mut lvl = (root.depth - 1) as u16;
     loop {
@@ -288,7 +305,10 @@ pub fn insert(ns: &mut impl NodeStore, root: &mut Root, e: Exception) -> Result<
         }
     }
     let Some(split) = split else {
-        return Err(Error::Corrupt { block: path.leaf.0, what: "leaf holds one chunk only" });
+        return Err(Error::Corrupt {
+            block: path.leaf.0,
+            what: "leaf holds one chunk only",
+        });
     };
     let (rblk, rslot) = ns.alloc_node(0)?;
     let (l, r) = ns.nb_mut2(lslot, rslot);
@@ -317,7 +337,13 @@ fn leaf_insert_at(b: &mut Block, e: Exception) {
 }
 
 /// Adds (key, child) to the parent of the node just split, splitting upwards as needed.
-fn insert_parent(ns: &mut impl NodeStore, root: &mut Root, path: &mut Path, mut key: u64, mut child: u64) -> Result<()> {
+fn insert_parent(
+    ns: &mut impl NodeStore,
+    root: &mut Root,
+    path: &mut Path,
+    mut key: u64,
+    mut child: u64,
+) -> Result<()> {
     let mut lvl = 1u16;
     while path.len > 0 {
         path.len -= 1;

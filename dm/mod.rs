@@ -99,7 +99,14 @@ mod ffi {
         pub(super) fn dmss_inflight_wait_zero(f: *mut CInflight);
         pub(super) fn dmss_io_client_create() -> *mut IoClient;
         pub(super) fn dmss_io_client_destroy(c: *mut IoClient);
-        pub(super) fn dmss_io(c: *mut IoClient, d: *mut DmDev, sector: u64, count: u32, buf: *mut c_void, op: c_int) -> c_int;
+        pub(super) fn dmss_io(
+            c: *mut IoClient,
+            d: *mut DmDev,
+            sector: u64,
+            count: u32,
+            buf: *mut c_void,
+            op: c_int,
+        ) -> c_int;
         pub(super) fn dmss_copier_create() -> *mut CCopier;
         pub(super) fn dmss_copier_destroy(c: *mut CCopier);
         pub(super) fn dmss_copy(c: *mut CCopier, src: *mut DmDev, ss: u64, dst: *mut DmDev, ds: u64, n: u64);
@@ -537,7 +544,10 @@ impl<T> TryMutex<T> {
     pub(crate) fn new(data: T) -> Result<Self> {
         // SAFETY: plain allocation; NULL on failure.
         let m = NonNull::new(unsafe { ffi::dmss_mutex_create() }).ok_or(ENOMEM)?;
-        Ok(TryMutex { m, data: UnsafeCell::new(data) })
+        Ok(TryMutex {
+            m,
+            data: UnsafeCell::new(data),
+        })
     }
 
     /// Locks, sleeping if needed.
@@ -599,7 +609,9 @@ impl Inflight {
     /// A zero counter.
     pub(crate) fn new() -> Result<Self> {
         // SAFETY: plain allocation; NULL on failure.
-        NonNull::new(unsafe { ffi::dmss_inflight_create() }).map(Inflight).ok_or(ENOMEM)
+        NonNull::new(unsafe { ffi::dmss_inflight_create() })
+            .map(Inflight)
+            .ok_or(ENOMEM)
     }
     /// +1.
     pub(crate) fn inc(&self) {
@@ -637,14 +649,25 @@ impl Copier {
     /// A kcopyd client.
     pub(crate) fn new() -> Result<Self> {
         // SAFETY: allocation and kcopyd client creation; NULL on failure.
-        NonNull::new(unsafe { ffi::dmss_copier_create() }).map(Copier).ok_or(ENOMEM)
+        NonNull::new(unsafe { ffi::dmss_copier_create() })
+            .map(Copier)
+            .ok_or(ENOMEM)
     }
 
     /// Starts copying `n` sectors.
     pub(crate) fn copy(&self, src: DevHandle, src_sector: u64, dst: DevHandle, dst_sector: u64, n: u64) {
         // SAFETY: both devices are open (DevHandle invariant); kcopyd allocates from its
         // mempools and never fails the call.
-        unsafe { ffi::dmss_copy(self.0.as_ptr(), src.0.as_ptr(), src_sector, dst.0.as_ptr(), dst_sector, n) }
+        unsafe {
+            ffi::dmss_copy(
+                self.0.as_ptr(),
+                src.0.as_ptr(),
+                src_sector,
+                dst.0.as_ptr(),
+                dst_sector,
+                n,
+            )
+        }
     }
 
     /// Waits for every copy started since the last wait; Err if any failed.
@@ -680,13 +703,26 @@ impl MetaIo {
     pub(crate) fn new(dev: &Device) -> Result<Self> {
         // SAFETY: allocation of a dm-io client; NULL on failure.
         let client = NonNull::new(unsafe { ffi::dmss_io_client_create() }).ok_or(ENOMEM)?;
-        Ok(MetaIo { client, dev: dev.handle(), blocks: dev.sectors() / BLOCK_SECTORS })
+        Ok(MetaIo {
+            client,
+            dev: dev.handle(),
+            blocks: dev.sectors() / BLOCK_SECTORS,
+        })
     }
 
     fn io(&self, nr: u64, blocks: u32, buf: *mut c_void, op: c_int) -> fmt_::Result<()> {
         // SAFETY: `buf` covers `blocks` blocks (or is NULL for a flush) and stays valid during
         // this synchronous call; the device is open (DevHandle invariant).
-        let r = unsafe { ffi::dmss_io(self.client.as_ptr(), self.dev.0.as_ptr(), nr * BLOCK_SECTORS, blocks * BLOCK_SECTORS as u32, buf, op) };
+        let r = unsafe {
+            ffi::dmss_io(
+                self.client.as_ptr(),
+                self.dev.0.as_ptr(),
+                nr * BLOCK_SECTORS,
+                blocks * BLOCK_SECTORS as u32,
+                buf,
+                op,
+            )
+        };
         if r == 0 {
             Ok(())
         } else {
@@ -735,7 +771,8 @@ impl fmt_::BlockIo for MetaIo {
     }
 
     fn flush(&mut self) -> fmt_::Result<()> {
-        self.io(0, 0, core::ptr::null_mut(), IO_FLUSH).map_err(|_| fmt_::Error::Io { block: u64::MAX })
+        self.io(0, 0, core::ptr::null_mut(), IO_FLUSH)
+            .map_err(|_| fmt_::Error::Io { block: u64::MAX })
     }
 
     fn size_blocks(&self) -> u64 {
@@ -785,7 +822,10 @@ impl CacheMemory {
 
     /// Bytes held.
     pub(crate) fn bytes(&self) -> usize {
-        self.nblocks * BLOCK_SIZE + self.slots.len() * core::mem::size_of::<Slot>() + self.buckets.len() * 4 + self.pending.len() * 8
+        self.nblocks * BLOCK_SIZE
+            + self.slots.len() * core::mem::size_of::<Slot>()
+            + self.buckets.len() * 4
+            + self.pending.len() * 8
     }
 }
 
@@ -801,7 +841,12 @@ impl CacheMem for CacheMemory {
         // SAFETY: `blocks` points to `nblocks` zero-initialised blocks owned by self; the
         // returned borrow is tied to `&mut self`.
         let blocks = unsafe { core::slice::from_raw_parts_mut(self.blocks.as_ptr(), self.nblocks) };
-        Parts { blocks, slots: &mut self.slots, buckets: &mut self.buckets, pending: &mut self.pending }
+        Parts {
+            blocks,
+            slots: &mut self.slots,
+            buckets: &mut self.buckets,
+            pending: &mut self.pending,
+        }
     }
     fn blocks(&self) -> &[Block] {
         // SAFETY: as in `parts`, shared.
@@ -824,7 +869,9 @@ unsafe impl<T: Send + Sync, const N: usize> Sync for Registry<T, N> {}
 impl<T, const N: usize> Registry<T, N> {
     /// An empty registry.
     pub(crate) const fn new() -> Self {
-        Registry { entries: UnsafeCell::new([const { None }; N]) }
+        Registry {
+            entries: UnsafeCell::new([const { None }; N]),
+        }
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut [Option<(u32, kernel::sync::Arc<T>)>; N]) -> R) -> R {
@@ -999,13 +1046,28 @@ extern "C" fn dmss_rust_end_io(ti: *mut ffi::DmTarget, kind: c_int, b: *mut ffi:
 
 #[no_mangle]
 extern "C" fn dmss_rust_status(ti: *mut ffi::DmTarget, kind: c_int, ty: c_int, result: *mut c_char, maxlen: c_uint) {
-    let mut out = Output { buf: result, len: 0, max: maxlen as usize };
+    let mut out = Output {
+        buf: result,
+        len: 0,
+        max: maxlen as usize,
+    };
     dispatch!(kind, T => ctx::<T>(ti).status(status_type(ty), &mut out))
 }
 
 #[no_mangle]
-extern "C" fn dmss_rust_message(ti: *mut ffi::DmTarget, kind: c_int, argc: c_uint, argv: *mut *mut c_char, result: *mut c_char, maxlen: c_uint) -> c_int {
-    let mut out = Output { buf: result, len: 0, max: maxlen as usize };
+extern "C" fn dmss_rust_message(
+    ti: *mut ffi::DmTarget,
+    kind: c_int,
+    argc: c_uint,
+    argv: *mut *mut c_char,
+    result: *mut c_char,
+    maxlen: c_uint,
+) -> c_int {
+    let mut out = Output {
+        buf: result,
+        len: 0,
+        max: maxlen as usize,
+    };
     if maxlen > 0 {
         // SAFETY: result has maxlen >= 1 bytes.
         unsafe { *result = 0 };

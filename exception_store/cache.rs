@@ -33,7 +33,13 @@ enum SlotState {
 impl Slot {
     /// An empty slot.
     pub const fn new() -> Self {
-        Slot { block: 0, next: NONE, state: SlotState::Empty, referenced: false, epoch: 0 }
+        Slot {
+            block: 0,
+            next: NONE,
+            state: SlotState::Empty,
+            referenced: false,
+            epoch: 0,
+        }
     }
 }
 
@@ -89,8 +95,16 @@ impl<M: CacheMem> Cache<M> {
     pub fn new(mut mem: M) -> Result<Self> {
         let p = mem.parts();
         let (n, nb) = (p.slots.len(), p.buckets.len());
-        if n < 64 || n >= NONE as usize || nb < n || !nb.is_power_of_two() || p.blocks.len() != n + SCRATCH_BLOCKS || p.pending.len() < 1024 {
-            return Err(Error::Invalid("cache memory: need >= 64 slots, a block each plus scratch, power-of-two buckets"));
+        if n < 64
+            || n >= NONE as usize
+            || nb < n
+            || !nb.is_power_of_two()
+            || p.blocks.len() != n + SCRATCH_BLOCKS
+            || p.pending.len() < 1024
+        {
+            return Err(Error::Invalid(
+                "cache memory: need >= 64 slots, a block each plus scratch, power-of-two buckets",
+            ));
         }
         for b in p.buckets.iter_mut() {
             *b = NONE;
@@ -99,7 +113,14 @@ impl<M: CacheMem> Cache<M> {
             s.state = SlotState::Empty;
             s.next = NONE;
         }
-        Ok(Cache { mem, capacity: n, hand: 0, epoch: 1, ndirty: 0, reads: 0 })
+        Ok(Cache {
+            mem,
+            capacity: n,
+            hand: 0,
+            epoch: 1,
+            ndirty: 0,
+            reads: 0,
+        })
     }
 
     /// Number of slots.

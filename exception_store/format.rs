@@ -92,7 +92,9 @@ impl fmt::Display for Error {
         match *self {
             Error::Io { block } if block == u64::MAX => write!(f, "I/O error on flush"),
             Error::Io { block } => write!(f, "I/O error on metadata block {}", block),
-            Error::Corrupt { block, what } => write!(f, "metadata block {} corrupt: {}", block, what),
+            Error::Corrupt { block, what } => {
+                write!(f, "metadata block {} corrupt: {}", block, what)
+            }
             Error::NotAStore(what) => write!(f, "not a shared-snapshot store: {}", what),
             Error::NoDataSpace => write!(f, "COW device full"),
             Error::NoMetaSpace => write!(f, "metadata area full"),
@@ -222,16 +224,28 @@ pub fn block_crc(io: &impl BlockIo, b: &Block) -> u32 {
 /// Validates the common header: checksum, type, block number and store id.
 pub fn check_header(io: &impl BlockIo, b: &Block, ty: BlockType, nr: u64, store_id: u64) -> Result<()> {
     if get32(b, H_CRC) != io.crc32c(&b[4..]) {
-        return Err(Error::Corrupt { block: nr, what: "checksum mismatch" });
+        return Err(Error::Corrupt {
+            block: nr,
+            what: "checksum mismatch",
+        });
     }
     if get32(b, H_TYPE) != ty.tag() {
-        return Err(Error::Corrupt { block: nr, what: "wrong block type" });
+        return Err(Error::Corrupt {
+            block: nr,
+            what: "wrong block type",
+        });
     }
     if get64(b, H_BLOCKNR) != nr {
-        return Err(Error::Corrupt { block: nr, what: "block number in header does not match its location" });
+        return Err(Error::Corrupt {
+            block: nr,
+            what: "block number in header does not match its location",
+        });
     }
     if get64(b, H_STORE_ID) != store_id {
-        return Err(Error::Corrupt { block: nr, what: "block belongs to another store (store id)" });
+        return Err(Error::Corrupt {
+            block: nr,
+            what: "block belongs to another store (store id)",
+        });
     }
     Ok(())
 }

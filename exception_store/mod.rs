@@ -16,8 +16,8 @@ pub mod superblock;
 use crate::btree::{self, Exception, NodeStore, Root};
 use crate::journal::{self, Journal, ReplayReport};
 use cache::{Cache, CacheMem};
-use format::*;
 use core::ops::DerefMut;
+use format::*;
 use superblock::*;
 
 /// Most dirty blocks one operation can add (splits up a full-depth tree, bitmaps, superblock).
@@ -127,7 +127,10 @@ pub fn format(io: &mut impl BlockIo, p: &FormatParams, scratch: &mut Block) -> R
     }
     let l = Layout::compute(io.size_blocks(), p.chunk_sectors, p.meta_blocks)?;
     // Bitmaps: all clear but the root leaf (first metadata block).
-    for (start, n) in [(l.meta_bitmap_start, l.meta_bitmap_blocks), (l.data_bitmap_start, l.data_bitmap_blocks)] {
+    for (start, n) in [
+        (l.meta_bitmap_start, l.meta_bitmap_blocks),
+        (l.data_bitmap_start, l.data_bitmap_blocks),
+    ] {
         for i in 0..n {
             scratch.fill(0);
             init_header(scratch, BlockType::Bitmap, start + i, p.store_id);
@@ -159,7 +162,10 @@ pub fn format(io: &mut impl BlockIo, p: &FormatParams, scratch: &mut Block) -> R
         layout: l,
         meta_used: 1,
         data_used: 0,
-        root: Root { block: l.meta_start, depth: 1 },
+        root: Root {
+            block: l.meta_start,
+            depth: 1,
+        },
         delete_cursor: 0,
         next_seq: 1,
         snaps: [SnapSlot::default(); MAX_SNAPSHOTS],
@@ -221,7 +227,10 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
         let dev = self.io.size_blocks();
         Super::decode_into(&self.io, scratch, STATE_BLOCK, dev, &mut *self.sb)?;
         if self.sb.store_id != store_id || self.sb.layout != *layout {
-            return Err(Error::Corrupt { block: STATE_BLOCK, what: "state block disagrees with the superblock" });
+            return Err(Error::Corrupt {
+                block: STATE_BLOCK,
+                what: "state block disagrees with the superblock",
+            });
         }
         Ok(())
     }
@@ -345,7 +354,13 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
         } + i / BITS_PER_BITMAP;
         let (slot, fresh) = self.cache.get(&mut self.io, blk, false)?;
         if fresh {
-            if let Err(e) = check_header(&self.io, self.cache.data(slot), BlockType::Bitmap, blk, self.sb.store_id) {
+            if let Err(e) = check_header(
+                &self.io,
+                self.cache.data(slot),
+                BlockType::Bitmap,
+                blk,
+                self.sb.store_id,
+            ) {
                 self.cache.discard(slot);
                 return Err(e);
             }
@@ -413,14 +428,20 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
 
     fn free(&mut self, area: Area, i: u64) -> Result<()> {
         if i >= self.area_size(area) {
-            return Err(Error::Corrupt { block: 0, what: "freeing a block outside its area" });
+            return Err(Error::Corrupt {
+                block: 0,
+                what: "freeing a block outside its area",
+            });
         }
         let slot = self.bitmap_block(area, i)?;
         let bit = i % BITS_PER_BITMAP;
         let byte = HEADER_SIZE + (bit / 8) as usize;
         let m = 1u8 << (bit % 8);
         if self.cache.data(slot)[byte] & m == 0 {
-            return Err(Error::Corrupt { block: self.cache.block_of(slot), what: "double free in allocation bitmap" });
+            return Err(Error::Corrupt {
+                block: self.cache.block_of(slot),
+                what: "double free in allocation bitmap",
+            });
         }
         self.cache.data_mut(slot)[byte] &= !m;
         let u = self.used(area);
@@ -563,7 +584,11 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
             }
             Err(e) => return self.guard(Err(e)),
         };
-        let r = self.insert_exception(Exception { chunk, cow, share: sharers });
+        let r = self.insert_exception(Exception {
+            chunk,
+            cow,
+            share: sharers,
+        });
         self.guard(r)?;
         Ok(OriginWrite::Copy(cow))
     }
@@ -598,7 +623,11 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
             if let Source::Cow(c) = src {
                 self.set_share(chunk, c, share & !bit)?;
             }
-            self.insert_exception(Exception { chunk, cow: to, share: bit })
+            self.insert_exception(Exception {
+                chunk,
+                cow: to,
+                share: bit,
+            })
         })();
         self.guard(r)?;
         Ok(SnapWrite::Copy { from: src, to })
@@ -613,7 +642,12 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
         let Some(slot) = self.sb.snaps.iter().position(|s| s.flags == 0) else {
             return Err(Error::TooManySnapshots);
         };
-        self.sb.snaps[slot] = SnapSlot { id, flags: SNAP_LIVE, create_seq: self.sb.next_seq, owned: 0 };
+        self.sb.snaps[slot] = SnapSlot {
+            id,
+            flags: SNAP_LIVE,
+            create_seq: self.sb.next_seq,
+            owned: 0,
+        };
         self.sb.next_seq += 1;
         self.sb_dirty = true;
         Ok(slot)
@@ -704,14 +738,16 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> NodeStore for Store<D
     fn node(&mut self, block: u64, level: u16, nonblocking: bool) -> Result<usize> {
         let l = self.sb.layout;
         if !l.is_meta(block) {
-            return Err(Error::Corrupt { block, what: "btree pointer outside the metadata area" });
+            return Err(Error::Corrupt {
+                block,
+                what: "btree pointer outside the metadata area",
+            });
         }
         let (slot, fresh) = self.cache.get(&mut self.io, block, nonblocking)?;
         if fresh {
             let b = self.cache.data(slot);
-            let r = check_header(&self.io, b, btree::node_type(level), block, self.sb.store_id).and_then(|_| {
-                btree::validate_node(b, block, level, |c| l.is_meta(c), |c| c < l.data_chunks)
-            });
+            let r = check_header(&self.io, b, btree::node_type(level), block, self.sb.store_id)
+                .and_then(|_| btree::validate_node(b, block, level, |c| l.is_meta(c), |c| c < l.data_chunks));
             if let Err(e) = r {
                 self.cache.discard(slot);
                 return Err(e);
@@ -719,7 +755,10 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> NodeStore for Store<D
         } else if btree::level(self.cache.data(slot)) != level
             || format::header_type(self.cache.data(slot)) != btree::node_type(level).tag()
         {
-            return Err(Error::Corrupt { block, what: "btree node reached at the wrong level" });
+            return Err(Error::Corrupt {
+                block,
+                what: "btree node reached at the wrong level",
+            });
         }
         Ok(slot)
     }

@@ -78,7 +78,9 @@ impl Layout {
     /// Computes a layout for a device of `total_blocks`; `meta_blocks` 0 picks a default.
     pub fn compute(total_blocks: u64, chunk_sectors: u32, meta_blocks: u64) -> Result<Layout> {
         if !chunk_sectors.is_power_of_two() || !(8..=2048).contains(&chunk_sectors) {
-            return Err(Error::Invalid("chunk size must be a power of two from 8 to 2048 sectors"));
+            return Err(Error::Invalid(
+                "chunk size must be a power of two from 8 to 2048 sectors",
+            ));
         }
         let cb = chunk_sectors as u64 / BLOCK_SECTORS;
         let journal_blocks = (total_blocks / 256).clamp(MIN_JOURNAL_BLOCKS, 8192);
@@ -89,7 +91,11 @@ impl Layout {
         }
         let rest = total_blocks - after_journal;
         let est_chunks = rest / cb;
-        let meta_blocks = if meta_blocks > 0 { meta_blocks } else { (est_chunks / 32).max(256).min(rest / 2) };
+        let meta_blocks = if meta_blocks > 0 {
+            meta_blocks
+        } else {
+            (est_chunks / 32).max(256).min(rest / 2)
+        };
         let meta_bitmap_blocks = meta_blocks.div_ceil(BITS_PER_BITMAP);
         let data_bitmap_blocks = est_chunks.div_ceil(BITS_PER_BITMAP).max(1);
         let meta_bitmap_start = after_journal;
@@ -125,7 +131,9 @@ impl Layout {
             return bad("chunk size out of range");
         }
         if self.total_blocks > dev_blocks {
-            return Err(Error::NotAStore("COW device is smaller than the store on it (truncated?)"));
+            return Err(Error::NotAStore(
+                "COW device is smaller than the store on it (truncated?)",
+            ));
         }
         if self.journal_start != JOURNAL_START || self.journal_blocks < MIN_JOURNAL_BLOCKS {
             return bad("journal region");
@@ -152,7 +160,11 @@ impl Layout {
         if self.data_start < m_end || self.data_start % cb != 0 {
             return bad("data area start");
         }
-        match self.data_chunks.checked_mul(cb).and_then(|x| x.checked_add(self.data_start)) {
+        match self
+            .data_chunks
+            .checked_mul(cb)
+            .and_then(|x| x.checked_add(self.data_start))
+        {
             Some(end) if end <= self.total_blocks && self.data_chunks > 0 => Ok(()),
             _ => bad("data area exceeds the device"),
         }
@@ -277,7 +289,12 @@ impl Super {
             data_start: 0,
             data_chunks: 0,
         };
-        const S: SnapSlot = SnapSlot { id: 0, flags: 0, create_seq: 0, owned: 0 };
+        const S: SnapSlot = SnapSlot {
+            id: 0,
+            flags: 0,
+            create_seq: 0,
+            owned: 0,
+        };
         Super {
             store_id: 0,
             uuid: [0; 16],
@@ -351,7 +368,10 @@ impl Super {
         sb.layout = layout;
         sb.meta_used = get64(b, SB_META_USED);
         sb.data_used = get64(b, SB_DATA_USED);
-        sb.root = Root { block: get64(b, SB_ROOT), depth: get32(b, SB_DEPTH) };
+        sb.root = Root {
+            block: get64(b, SB_ROOT),
+            depth: get32(b, SB_DEPTH),
+        };
         sb.delete_cursor = get64(b, SB_DELETE_CURSOR);
         sb.next_seq = get64(b, SB_NEXT_SEQ);
         let bad = |w| Err(Error::Corrupt { block: nr, what: w });
@@ -363,7 +383,12 @@ impl Super {
         }
         for i in 0..MAX_SNAPSHOTS {
             let o = SB_SNAPS + i * SNAP_SIZE;
-            let s = SnapSlot { id: get32(b, o), flags: get32(b, o + 4), create_seq: get64(b, o + 8), owned: get64(b, o + 16) };
+            let s = SnapSlot {
+                id: get32(b, o),
+                flags: get32(b, o + 4),
+                create_seq: get64(b, o + 8),
+                owned: get64(b, o + 16),
+            };
             if s.flags & !SNAP_KNOWN != 0 || (s.flags & SNAP_LIVE != 0 && s.flags & SNAP_DELETING != 0) {
                 return bad("snapshot slot flags");
             }
@@ -374,7 +399,10 @@ impl Super {
         }
         for i in 0..MAX_SNAPSHOTS {
             for j in 0..i {
-                if sb.snaps[i].flags & SNAP_LIVE != 0 && sb.snaps[j].flags & SNAP_LIVE != 0 && sb.snaps[i].id == sb.snaps[j].id {
+                if sb.snaps[i].flags & SNAP_LIVE != 0
+                    && sb.snaps[j].flags & SNAP_LIVE != 0
+                    && sb.snaps[i].id == sb.snaps[j].id
+                {
                     return bad("two live snapshots with one id");
                 }
             }
@@ -428,6 +456,9 @@ impl JournalHeader {
     /// Decodes and validates copy `nr`.
     pub fn decode(io: &impl BlockIo, b: &Block, nr: u64, store_id: u64) -> Result<Self> {
         check_header(io, b, BlockType::JournalHeader, nr, store_id)?;
-        Ok(JournalHeader { off: get64(b, 32), seq: get64(b, 40) })
+        Ok(JournalHeader {
+            off: get64(b, 32),
+            seq: get64(b, 40),
+        })
     }
 }

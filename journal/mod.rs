@@ -52,7 +52,12 @@ impl Journal {
 
 /// Writes committed blocks home, makes them durable, and moves the replay start to the
 /// current offset.
-pub fn checkpoint<M: CacheMem>(io: &mut impl BlockIo, cache: &mut Cache<M>, j: &mut Journal, store_id: u64) -> Result<()> {
+pub fn checkpoint<M: CacheMem>(
+    io: &mut impl BlockIo,
+    cache: &mut Cache<M>,
+    j: &mut Journal,
+    store_id: u64,
+) -> Result<()> {
     cache.write_committed(io)?;
     write_header(io, j, store_id, cache.scratch(0))
 }
@@ -140,7 +145,16 @@ enum TxCheck {
     Valid(u32),
 }
 
-fn check_tx(io: &mut impl BlockIo, j: &Journal, l: &Layout, store_id: u64, off: u64, seq: u64, d: &mut Block, b: &mut Block) -> Result<TxCheck> {
+fn check_tx(
+    io: &mut impl BlockIo,
+    j: &Journal,
+    l: &Layout,
+    store_id: u64,
+    off: u64,
+    seq: u64,
+    d: &mut Block,
+    b: &mut Block,
+) -> Result<TxCheck> {
     let dloc = j.loc(off);
     io.read_block(dloc, d)?;
     if check_header(io, d, BlockType::JournalDesc, dloc, store_id).is_err() || get64(d, D_SEQ) != seq {
@@ -148,13 +162,19 @@ fn check_tx(io: &mut impl BlockIo, j: &Journal, l: &Layout, store_id: u64, off: 
     }
     let n = get32(d, D_COUNT);
     if n == 0 || n as usize > MAX_TX_BLOCKS {
-        return Err(Error::Corrupt { block: dloc, what: "journal descriptor count out of range" });
+        return Err(Error::Corrupt {
+            block: dloc,
+            what: "journal descriptor count out of range",
+        });
     }
     for i in 0..n as u64 {
         let e = D_ENTRIES + i as usize * D_ENTRY;
         let home = get64(d, e);
         if !l.is_journalable(home) {
-            return Err(Error::Corrupt { block: dloc, what: "journal descriptor names a block outside metadata" });
+            return Err(Error::Corrupt {
+                block: dloc,
+                what: "journal descriptor names a block outside metadata",
+            });
         }
         io.read_block(j.loc(off + 1 + i), b)?;
         if block_crc(io, b) != get32(d, e + 8) || header_blocknr(b) != home {
@@ -167,7 +187,13 @@ fn check_tx(io: &mut impl BlockIo, j: &Journal, l: &Layout, store_id: u64, off: 
 /// Replays the journal from the header's position; returns the journal state to continue
 /// from (the header has been moved past what was replayed).
 #[inline(never)]
-pub fn replay(io: &mut impl BlockIo, l: &Layout, store_id: u64, d: &mut Block, b: &mut Block) -> Result<(Journal, ReplayReport)> {
+pub fn replay(
+    io: &mut impl BlockIo,
+    l: &Layout,
+    store_id: u64,
+    d: &mut Block,
+    b: &mut Block,
+) -> Result<(Journal, ReplayReport)> {
     let mut best: Option<(JournalHeader, u64)> = None;
     for nr in [1u64, 2] {
         io.read_block(nr, d)?;
@@ -178,7 +204,10 @@ pub fn replay(io: &mut impl BlockIo, l: &Layout, store_id: u64, d: &mut Block, b
         }
     }
     let Some((jh, newest)) = best else {
-        return Err(Error::Corrupt { block: 1, what: "both journal headers are damaged" });
+        return Err(Error::Corrupt {
+            block: 1,
+            what: "both journal headers are damaged",
+        });
     };
     let mut j = Journal {
         start: l.journal_start,
@@ -199,7 +228,10 @@ pub fn replay(io: &mut impl BlockIo, l: &Layout, store_id: u64, d: &mut Block, b
                 // a journal block was damaged, and stopping here would lose committed data.
                 let n = get32(d, D_COUNT) as u64;
                 if let TxCheck::Valid(_) = check_tx(io, &j, l, store_id, j.off + n + 1, j.seq + 1, d, b)? {
-                    return Err(Error::Corrupt { block: j.loc(j.off), what: "journal damaged before a later committed transaction" });
+                    return Err(Error::Corrupt {
+                        block: j.loc(j.off),
+                        what: "journal damaged before a later committed transaction",
+                    });
                 }
                 rep.torn_tail = true;
                 break;

@@ -22,7 +22,17 @@ fn sbox() -> Box<Super> {
 fn new_dev(blocks: u64) -> MemDev {
     let mut dev = MemDev::new(blocks);
     let mut scratch = [0u8; BLOCK_SIZE];
-    format(&mut dev, &FormatParams { chunk_sectors: 8, store_id: 0x1234_5678, uuid: [7; 16], meta_blocks: 0 }, &mut scratch).unwrap();
+    format(
+        &mut dev,
+        &FormatParams {
+            chunk_sectors: 8,
+            store_id: 0x1234_5678,
+            uuid: [7; 16],
+            meta_blocks: 0,
+        },
+        &mut scratch,
+    )
+    .unwrap();
     dev.flush().unwrap();
     dev
 }
@@ -62,8 +72,19 @@ struct Sim {
 impl Sim {
     fn new(dev: MemDev) -> Sim {
         let store = Store::open(dev, VecMem::new(256), sbox()).unwrap();
-        let model = Model { origin: vec![0; CHUNKS as usize], snaps: BTreeMap::new() };
-        Sim { store: Some(store), committed: model.clone(), model, pending_origin: vec![], next_tag: 1, commits: 0, unacked: vec![] }
+        let model = Model {
+            origin: vec![0; CHUNKS as usize],
+            snaps: BTreeMap::new(),
+        };
+        Sim {
+            store: Some(store),
+            committed: model.clone(),
+            model,
+            pending_origin: vec![],
+            next_tag: 1,
+            commits: 0,
+            unacked: vec![],
+        }
     }
 
     fn s(&mut self) -> &mut S {
@@ -161,9 +182,20 @@ fn verify(s: &mut S, m: &Model, origin: &[u64]) -> Result<(), String> {
 }
 
 /// As `verify`, also accepting a chunk content for which `also(id, chunk, tag)` holds.
-fn verify_with(s: &mut S, m: &Model, origin: &[u64], also: impl Fn(u32, u64, u64) -> bool) -> Result<(), String> {
+fn verify_with(
+    s: &mut S,
+    m: &Model,
+    origin: &[u64],
+    also: impl Fn(u32, u64, u64) -> bool,
+) -> Result<(), String> {
     let ds = s.sb().layout.data_start;
-    let live: Vec<u32> = s.sb().snaps.iter().filter(|x| x.flags & 1 != 0).map(|x| x.id).collect();
+    let live: Vec<u32> = s
+        .sb()
+        .snaps
+        .iter()
+        .filter(|x| x.flags & 1 != 0)
+        .map(|x| x.id)
+        .collect();
     let mut want: Vec<u32> = m.snaps.keys().copied().collect();
     let mut got = live.clone();
     want.sort();
@@ -183,7 +215,10 @@ fn verify_with(s: &mut S, m: &Model, origin: &[u64], also: impl Fn(u32, u64, u64
                 }
             };
             if tag != content[c as usize] && !also(id, c, tag) {
-                return Err(format!("snapshot {} chunk {}: read tag {}, expected {}", id, c, tag, content[c as usize]));
+                return Err(format!(
+                    "snapshot {} chunk {}: read tag {}, expected {}",
+                    id, c, tag, content[c as usize]
+                ));
             }
         }
     }
@@ -199,7 +234,11 @@ fn check_clean(dev: &MemDev) {
 fn step(sim: &mut Sim, rng: &mut SmallRng, next_id: &mut u32) -> Result<(), Error> {
     let nsnaps = sim.model.snaps.len();
     let r = rng.gen_range(0..100);
-    let chunk = if rng.gen_bool(0.5) { rng.gen_range(0..32) } else { rng.gen_range(0..CHUNKS) };
+    let chunk = if rng.gen_bool(0.5) {
+        rng.gen_range(0..32)
+    } else {
+        rng.gen_range(0..CHUNKS)
+    };
     if r < 45 {
         sim.origin_write(chunk)
     } else if r < 80 && nsnaps > 0 {
@@ -221,7 +260,10 @@ fn step(sim: &mut Sim, rng: &mut SmallRng, next_id: &mut u32) -> Result<(), Erro
 
 #[test]
 fn model_random_ops() {
-    let seeds: u64 = std::env::var("SHSNAP_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(6);
+    let seeds: u64 = std::env::var("SHSNAP_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(6);
     let mut total = 0u64;
     for seed in 0..seeds {
         let mut rng = SmallRng::seed_from_u64(seed);
@@ -233,7 +275,8 @@ fn model_random_ops() {
             if i % 1000 == 999 {
                 sim.commit().unwrap();
                 let (m, o) = (sim.model.clone(), sim.model.origin.clone());
-                verify(sim.s(), &m, &o).unwrap_or_else(|e| panic!("seed {} step {}: {}", seed, i, e));
+                verify(sim.s(), &m, &o)
+                    .unwrap_or_else(|e| panic!("seed {} step {}: {}", seed, i, e));
             }
         }
         // Finish deletions, close cleanly, reopen, verify, check.
@@ -267,11 +310,12 @@ fn sixty_four_snapshots_one_copy() {
     // One exception, one chunk, for all 64 snapshots.
     assert_eq!(sim.s().usage().data_used, before + 1);
     let mut n = 0;
-    sim.s().exceptions_of(5, false, |e| {
-        assert_eq!(e.share, u64::MAX);
-        n += 1
-    })
-    .unwrap();
+    sim.s()
+        .exceptions_of(5, false, |e| {
+            assert_eq!(e.share, u64::MAX);
+            n += 1
+        })
+        .unwrap();
     assert_eq!(n, 1);
     // A second write to the same chunk copies nothing.
     assert_eq!(sim.s().origin_write(5).unwrap(), OriginWrite::NoCopy);
@@ -279,12 +323,17 @@ fn sixty_four_snapshots_one_copy() {
     sim.snap_write(10, 5).unwrap();
     sim.commit().unwrap();
     let mut shares = vec![];
-    sim.s().exceptions_of(5, false, |e| shares.push(e.share)).unwrap();
+    sim.s()
+        .exceptions_of(5, false, |e| shares.push(e.share))
+        .unwrap();
     shares.sort();
     assert_eq!(shares, vec![1 << 10, u64::MAX & !(1 << 10)]);
     // Written again: in place.
     let slot = sim.s().sb().slot_of(10).unwrap();
-    assert!(matches!(sim.s().snapshot_write(5, slot).unwrap(), SnapWrite::InPlace(_)));
+    assert!(matches!(
+        sim.s().snapshot_write(5, slot).unwrap(),
+        SnapWrite::InPlace(_)
+    ));
     let (m, o) = (sim.model.clone(), sim.model.origin.clone());
     verify(sim.s(), &m, &o).unwrap();
 }
@@ -293,7 +342,17 @@ fn sixty_four_snapshots_one_copy() {
 fn cow_full_invalidates_sharers_only() {
     let mut dev = MemDev::new(4096);
     let mut scratch = [0u8; BLOCK_SIZE];
-    format(&mut dev, &FormatParams { chunk_sectors: 256, store_id: 9, uuid: [1; 16], meta_blocks: 0 }, &mut scratch).unwrap();
+    format(
+        &mut dev,
+        &FormatParams {
+            chunk_sectors: 256,
+            store_id: 9,
+            uuid: [1; 16],
+            meta_blocks: 0,
+        },
+        &mut scratch,
+    )
+    .unwrap();
     let mut s = Store::open(dev, VecMem::new(128), sbox()).unwrap();
     let total = s.usage().data_total;
     let a = s.create_snapshot(1).unwrap();
@@ -305,7 +364,10 @@ fn cow_full_invalidates_sharers_only() {
         }
     }
     let b = s.create_snapshot(2).unwrap();
-    assert_eq!(s.origin_write(total + 1).unwrap(), OriginWrite::Invalidated(1 << a | 1 << b));
+    assert_eq!(
+        s.origin_write(total + 1).unwrap(),
+        OriginWrite::Invalidated(1 << a | 1 << b)
+    );
     assert_eq!(s.lookup(0, a, false), Err(Error::SnapshotInvalid));
     s.commit().unwrap();
     let (dev, _, _) = s.close().unwrap();
@@ -357,21 +419,45 @@ fn crash_at(seed: u64, cut: u64, rng2: &mut SmallRng) -> bool {
             1 => dev.crash(|_| true, None),
             2 => dev.crash(|_| rng2.gen_bool(0.5), None),
             _ => {
-                let torn = if n > 0 { Some((rng2.gen_range(0..n), rng2.gen_range(1..8))) } else { None };
+                let torn = if n > 0 {
+                    Some((rng2.gen_range(0..n), rng2.gen_range(1..8)))
+                } else {
+                    None
+                };
                 dev.crash(|_| rng2.gen_bool(0.7), torn)
             }
         };
         let (rep, _) = check::check(img.clone());
-        assert!(rep.errors.is_empty(), "seed {} cut {} trial {}: check: {:?}", seed, cut, trial, rep.errors);
-        let mut s = Store::open(img, VecMem::new(128), sbox()).unwrap_or_else(|e| panic!("seed {} cut {}: open: {}", seed, cut, e));
+        assert!(
+            rep.errors.is_empty(),
+            "seed {} cut {} trial {}: check: {:?}",
+            seed,
+            cut,
+            trial,
+            rep.errors
+        );
+        let mut s = Store::open(img, VecMem::new(128), sbox())
+            .unwrap_or_else(|e| panic!("seed {} cut {}: open: {}", seed, cut, e));
         // Origin content: writes whose commit returned are on the origin; a write whose
         // commit was in flight never reached it.
         let unacked = sim.unacked.clone();
-        let also = |id: u32, c: u64, tag: u64| unacked.iter().any(|&(i, ch, t)| i == id && ch == c && t == tag);
-        let ok = [&after_ok, &before, &in_flight]
-            .iter()
-            .any(|m| verify_with(&mut s, m, &origin_now, also).is_ok() || verify_with(&mut s, m, &m.origin, also).is_ok());
-        assert!(ok, "seed {} cut {} trial {}: recovered state matches no committed state: {:?}", seed, cut, trial, verify(&mut s, &after_ok, &origin_now));
+        let also = |id: u32, c: u64, tag: u64| {
+            unacked
+                .iter()
+                .any(|&(i, ch, t)| i == id && ch == c && t == tag)
+        };
+        let ok = [&after_ok, &before, &in_flight].iter().any(|m| {
+            verify_with(&mut s, m, &origin_now, also).is_ok()
+                || verify_with(&mut s, m, &m.origin, also).is_ok()
+        });
+        assert!(
+            ok,
+            "seed {} cut {} trial {}: recovered state matches no committed state: {:?}",
+            seed,
+            cut,
+            trial,
+            verify(&mut s, &after_ok, &origin_now)
+        );
     }
     true
 }
@@ -380,7 +466,10 @@ fn crash_at(seed: u64, cut: u64, rng2: &mut SmallRng) -> bool {
 fn crash_at_every_write() {
     let mut rng2 = SmallRng::seed_from_u64(99);
     let mut points = 0;
-    let max: u64 = std::env::var("SHSNAP_CRASH_POINTS").ok().and_then(|s| s.parse().ok()).unwrap_or(600);
+    let max: u64 = std::env::var("SHSNAP_CRASH_POINTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(600);
     for seed in 0..3 {
         let mut cut = 1;
         while cut < max {
@@ -391,7 +480,10 @@ fn crash_at_every_write() {
             cut += 1 + cut / 50;
         }
     }
-    println!("crash: {} power-cut points x 4 images recovered and verified", points);
+    println!(
+        "crash: {} power-cut points x 4 images recovered and verified",
+        points
+    );
     assert!(points > 100);
 }
 
@@ -411,15 +503,28 @@ fn corruption_is_detected() {
     sim.commit().unwrap();
     let (dev, _, _) = sim.store.take().unwrap().close().unwrap();
     check_clean(&dev);
-    let sb = *Store::open(dev.clone(), VecMem::new(128), sbox()).unwrap().sb();
+    let sb = *Store::open(dev.clone(), VecMem::new(128), sbox())
+        .unwrap()
+        .sb();
     let l = sb.layout;
-    let (_, Some((_, map))) = check::check(dev.clone()) else { panic!() };
+    let (_, Some((_, map))) = check::check(dev.clone()) else {
+        panic!()
+    };
     assert!(!map.is_empty());
     // Metadata blocks in use: superblock, journal header, bitmaps, every allocated node.
-    let mut targets = vec![(0u64, "superblock"), (3, "state block"), (l.meta_bitmap_start, "meta bitmap"), (l.data_bitmap_start, "data bitmap"), (sb.root.block, "btree root")];
+    let mut targets = vec![
+        (0u64, "superblock"),
+        (3, "state block"),
+        (l.meta_bitmap_start, "meta bitmap"),
+        (l.data_bitmap_start, "data bitmap"),
+        (sb.root.block, "btree root"),
+    ];
     let mut s = Store::open(dev.clone(), VecMem::new(128), sbox()).unwrap();
     for i in 0..l.meta_blocks {
-        if s.is_allocated(shsnap_core::exception_store::Area::Meta, i).unwrap() && l.meta_start + i != sb.root.block {
+        if s.is_allocated(shsnap_core::exception_store::Area::Meta, i)
+            .unwrap()
+            && l.meta_start + i != sb.root.block
+        {
             targets.push((l.meta_start + i, "btree node"));
         }
     }
@@ -431,7 +536,13 @@ fn corruption_is_detected() {
             let bit = rng.gen_range(0..BLOCK_SIZE * 8);
             d.flip_bit(blk, bit);
             let (rep, _) = check::check(d.clone());
-            assert!(!rep.errors.is_empty(), "flip of bit {} in {} block {} not detected by check", bit, what, blk);
+            assert!(
+                !rep.errors.is_empty(),
+                "flip of bit {} in {} block {} not detected by check",
+                bit,
+                what,
+                blk
+            );
             // Opening either fails cleanly or the damage surfaces as an error on use, never a panic.
             if let Ok(mut s) = Store::open(d, VecMem::new(128), sbox()) {
                 let mut failed = false;
@@ -441,12 +552,20 @@ fn corruption_is_detected() {
                         break;
                     }
                 }
-                assert!(failed || blk == l.meta_bitmap_start || blk == l.data_bitmap_start, "{} damage went unnoticed by the store", what);
+                assert!(
+                    failed || blk == l.meta_bitmap_start || blk == l.data_bitmap_start,
+                    "{} damage went unnoticed by the store",
+                    what
+                );
             }
             detected += 1;
         }
     }
-    println!("corruption: {} bit flips in {} metadata blocks detected", detected, targets.len());
+    println!(
+        "corruption: {} bit flips in {} metadata blocks detected",
+        detected,
+        targets.len()
+    );
 }
 
 #[test]
@@ -464,21 +583,34 @@ fn journal_damage_and_torn_commit() {
     let mut d = dev.clone();
     d.flip_bit(j.start + (j.tail % j.size) + 1, 100 * 8);
     let (rep, _) = check::check(d.clone());
-    assert!(rep.errors.iter().any(|e| e.contains("journal")), "{:?}", rep.errors);
-    assert!(matches!(Store::open(d, VecMem::new(128), sbox()), Err(Error::Corrupt { .. })));
+    assert!(
+        rep.errors.iter().any(|e| e.contains("journal")),
+        "{:?}",
+        rep.errors
+    );
+    assert!(matches!(
+        Store::open(d, VecMem::new(128), sbox()),
+        Err(Error::Corrupt { .. })
+    ));
     // Random bytes and other formats are refused as not-a-store.
     let mut junk = MemDev::new(4096);
     let mut rng = SmallRng::seed_from_u64(1);
     let mut b = [0u8; BLOCK_SIZE];
     rng.fill(&mut b[..]);
     junk.poke(0, &b);
-    assert!(matches!(Store::open(junk, VecMem::new(128), sbox()), Err(Error::NotAStore(_))));
+    assert!(matches!(
+        Store::open(junk, VecMem::new(128), sbox()),
+        Err(Error::NotAStore(_))
+    ));
     // A truncated device is refused.
     let mut small = MemDev::new(dev.size_blocks() / 2);
     for blk in 0..small.size_blocks() {
         small.poke(blk, &dev.peek(blk));
     }
-    assert!(matches!(Store::open(small, VecMem::new(128), sbox()), Err(Error::NotAStore(_))));
+    assert!(matches!(
+        Store::open(small, VecMem::new(128), sbox()),
+        Err(Error::NotAStore(_))
+    ));
 }
 
 #[test]
@@ -492,7 +624,9 @@ fn delta_between_snapshots() {
     sim.snap_write(2, 20).unwrap();
     sim.commit().unwrap();
     let (dev, _, _) = sim.store.take().unwrap().close().unwrap();
-    let (rep, Some((sb, map))) = check::check(dev) else { panic!() };
+    let (rep, Some((sb, map))) = check::check(dev) else {
+        panic!()
+    };
     assert!(rep.errors.is_empty());
     let s1 = sb.slot_of(1);
     let s2 = sb.slot_of(2);
@@ -512,9 +646,16 @@ fn wrong_version_and_foreign_store_id_refused() {
     put32(&mut b, 32, v + 1);
     seal(&d, &mut b);
     d.poke(0, &b);
-    assert!(matches!(Store::open(d.clone(), VecMem::new(128), sbox()), Err(Error::NotAStore(_))));
+    assert!(matches!(
+        Store::open(d.clone(), VecMem::new(128), sbox()),
+        Err(Error::NotAStore(_))
+    ));
     let (rep, _) = check::check(d);
-    assert!(rep.errors.iter().any(|e| e.contains("version")), "{:?}", rep.errors);
+    assert!(
+        rep.errors.iter().any(|e| e.contains("version")),
+        "{:?}",
+        rep.errors
+    );
     // A state block from another store (other store id) is refused.
     let other = new_dev(4096);
     let mut d = dev.clone();
@@ -530,7 +671,10 @@ fn wrong_version_and_foreign_store_id_refused() {
 /// every damage to a block in use is an error, never silently wrong structure.
 #[test]
 fn fuzz_open_mutated_images() {
-    let iters: u64 = std::env::var("SHSNAP_FUZZ").ok().and_then(|s| s.parse().ok()).unwrap_or(3000);
+    let iters: u64 = std::env::var("SHSNAP_FUZZ")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3000);
     let mut sim = Sim::new(new_dev(8192));
     for id in 1..=4 {
         sim.create(id).unwrap();
@@ -540,7 +684,11 @@ fn fuzz_open_mutated_images() {
     }
     sim.commit().unwrap();
     let (dev, _, _) = sim.store.take().unwrap().abandon(); // journal left to replay
-    let meta_end = Store::open(dev.clone(), VecMem::new(128), sbox()).unwrap().sb().layout.data_start;
+    let meta_end = Store::open(dev.clone(), VecMem::new(128), sbox())
+        .unwrap()
+        .sb()
+        .layout
+        .data_start;
     let mut rng = SmallRng::seed_from_u64(77);
     let (mut opened, mut refused) = (0u64, 0u64);
     for _ in 0..iters {
@@ -574,5 +722,8 @@ fn fuzz_open_mutated_images() {
             Err(_) => refused += 1,
         }
     }
-    println!("fuzz: {} mutated images: {} opened (damage outside what open reads), {} refused, no panic", iters, opened, refused);
+    println!(
+        "fuzz: {} mutated images: {} opened (damage outside what open reads), {} refused, no panic",
+        iters, opened, refused
+    );
 }

@@ -13,7 +13,17 @@ fn store(exceptions: u64, snaps: u32) -> Store<MemDev, VecMem, Box<Super>> {
     let blocks = chunks + chunks / 16 + 10_000;
     let mut dev = MemDev::new(blocks);
     let mut scratch = [0u8; BLOCK_SIZE];
-    format(&mut dev, &FormatParams { chunk_sectors: 8, store_id: 42, uuid: [0; 16], meta_blocks: 0 }, &mut scratch).unwrap();
+    format(
+        &mut dev,
+        &FormatParams {
+            chunk_sectors: 8,
+            store_id: 42,
+            uuid: [0; 16],
+            meta_blocks: 0,
+        },
+        &mut scratch,
+    )
+    .unwrap();
     let mut s = Store::open(dev, VecMem::new(1024), Box::new(Super::empty())).unwrap();
     for id in 0..snaps {
         s.create_snapshot(id).unwrap();
@@ -24,7 +34,10 @@ fn store(exceptions: u64, snaps: u32) -> Store<MemDev, VecMem, Box<Super>> {
         if s.needs_commit() {
             s.commit().unwrap();
         }
-        assert!(matches!(s.origin_write(i * 2).unwrap(), OriginWrite::Copy(_)));
+        assert!(matches!(
+            s.origin_write(i * 2).unwrap(),
+            OriginWrite::Copy(_)
+        ));
     }
     s.commit().unwrap();
     s
@@ -47,7 +60,10 @@ fn activation(exceptions: u64) {
 }
 
 fn main() {
-    let big: u64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(1_000_000);
+    let big: u64 = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1_000_000);
     activation(big);
     println!("exceptions,snapshots,ns_per_copying_write,ns_per_overwrite,ns_per_commit_of_64,cache_reads_per_write");
     for &exc in &[1_000u64, big] {

@@ -21,7 +21,10 @@ pub struct Overlay<D: BlockIo> {
 impl<D: BlockIo> Overlay<D> {
     /// Wraps a device.
     pub fn new(inner: D) -> Self {
-        Overlay { inner, writes: HashMap::new() }
+        Overlay {
+            inner,
+            writes: HashMap::new(),
+        }
     }
 }
 
@@ -135,7 +138,10 @@ pub fn check<D: BlockIo>(dev: D) -> (Report, Option<(Super, ExceptionMap)>) {
     }
     let sb = match Super::decode(&io, &b, STATE_BLOCK, dev_blocks) {
         Ok(s) if s.store_id != sb0.store_id || s.layout != sb0.layout => {
-            err(&mut r, "state block disagrees with the superblock on identity or layout".into());
+            err(
+                &mut r,
+                "state block disagrees with the superblock on identity or layout".into(),
+            );
             return (r, None);
         }
         Ok(s) => s,
@@ -161,7 +167,13 @@ pub fn check<D: BlockIo>(dev: D) -> (Report, Option<(Super, ExceptionMap)>) {
             } else {
                 "live"
             };
-            r.snapshots.push(SnapInfo { slot: i, id: s.id, state, create_seq: s.create_seq, owned: s.owned });
+            r.snapshots.push(SnapInfo {
+                slot: i,
+                id: s.id,
+                state,
+                create_seq: s.create_seq,
+                owned: s.owned,
+            });
         }
     }
     // Walk the tree: (block, level, low key, high key (exclusive, None = unbounded)).
@@ -175,12 +187,18 @@ pub fn check<D: BlockIo>(dev: D) -> (Report, Option<(Super, ExceptionMap)>) {
     while let Some((blk, level, lo, hi)) = stack.pop() {
         r.nodes += 1;
         if !l.is_meta(blk) {
-            err(&mut r, format!("block {}: btree pointer outside the metadata area", blk));
+            err(
+                &mut r,
+                format!("block {}: btree pointer outside the metadata area", blk),
+            );
             tree_ok = false;
             continue;
         }
         if !meta_refs.insert(blk) {
-            err(&mut r, format!("block {}: btree node referenced twice", blk));
+            err(
+                &mut r,
+                format!("block {}: btree node referenced twice", blk),
+            );
             tree_ok = false;
             continue;
         }
@@ -189,8 +207,9 @@ pub fn check<D: BlockIo>(dev: D) -> (Report, Option<(Super, ExceptionMap)>) {
             tree_ok = false;
             continue;
         }
-        let v = check_header(&io, &b, btree::node_type(level), blk, sb.store_id)
-            .and_then(|_| btree::validate_node(&b, blk, level, |c| l.is_meta(c), |c| c < l.data_chunks));
+        let v = check_header(&io, &b, btree::node_type(level), blk, sb.store_id).and_then(|_| {
+            btree::validate_node(&b, blk, level, |c| l.is_meta(c), |c| c < l.data_chunks)
+        });
         if let Err(e) = v {
             err(&mut r, format!("btree node: {}", e));
             tree_ok = false;
@@ -206,20 +225,43 @@ pub fn check<D: BlockIo>(dev: D) -> (Report, Option<(Super, ExceptionMap)>) {
                 let e = btree::leaf_entry(&b, i);
                 r.exceptions += 1;
                 if !in_range(e.chunk) {
-                    err(&mut r, format!("block {}: chunk {} outside the key range of its parent", blk, e.chunk));
+                    err(
+                        &mut r,
+                        format!(
+                            "block {}: chunk {} outside the key range of its parent",
+                            blk, e.chunk
+                        ),
+                    );
                 }
                 if e.share & !named != 0 {
-                    err(&mut r, format!("block {}: chunk {} names snapshot slots {:#x} that are not live", blk, e.chunk, e.share & !named));
+                    err(
+                        &mut r,
+                        format!(
+                            "block {}: chunk {} names snapshot slots {:#x} that are not live",
+                            blk,
+                            e.chunk,
+                            e.share & !named
+                        ),
+                    );
                 }
                 if !data_refs.insert(e.cow) {
-                    err(&mut r, format!("block {}: COW chunk {} used by two exceptions", blk, e.cow));
+                    err(
+                        &mut r,
+                        format!("block {}: COW chunk {} used by two exceptions", blk, e.cow),
+                    );
                 }
                 if e.share.count_ones() == 1 {
                     owned[e.share.trailing_zeros() as usize] += 1;
                 }
                 let v = map.entry(e.chunk).or_default();
                 if v.iter().any(|x| x.share & e.share != 0) {
-                    err(&mut r, format!("block {}: chunk {} has overlapping share bitmaps", blk, e.chunk));
+                    err(
+                        &mut r,
+                        format!(
+                            "block {}: chunk {} has overlapping share bitmaps",
+                            blk, e.chunk
+                        ),
+                    );
                 }
                 v.push(e);
             }
@@ -228,15 +270,25 @@ pub fn check<D: BlockIo>(dev: D) -> (Report, Option<(Super, ExceptionMap)>) {
                 err(&mut r, format!("block {}: level above the root", blk));
             }
             if blk == sb.root.block && n < 2 && sb.root.depth > 1 {
-                err(&mut r, format!("block {}: internal root with a single child", blk));
+                err(
+                    &mut r,
+                    format!("block {}: internal root with a single child", blk),
+                );
             }
             for i in 0..n {
                 let (k, c) = btree::internal_entry(&b, i);
                 if i > 0 && !in_range(k) {
-                    err(&mut r, format!("block {}: key {} outside the parent's range", blk, k));
+                    err(
+                        &mut r,
+                        format!("block {}: key {} outside the parent's range", blk, k),
+                    );
                 }
                 let clo = if i == 0 { lo } else { k };
-                let chi = if i + 1 < n { Some(btree::internal_entry(&b, i + 1).0) } else { hi };
+                let chi = if i + 1 < n {
+                    Some(btree::internal_entry(&b, i + 1).0)
+                } else {
+                    hi
+                };
                 stack.push((c, level - 1, clo, chi));
             }
         }
@@ -244,8 +296,22 @@ pub fn check<D: BlockIo>(dev: D) -> (Report, Option<(Super, ExceptionMap)>) {
     // Space accounting against the bitmaps.
     if tree_ok {
         for (name, start, nbits, refs, used, base) in [
-            ("metadata", l.meta_bitmap_start, l.meta_blocks, &meta_refs, sb.meta_used, l.meta_start),
-            ("data", l.data_bitmap_start, l.data_chunks, &data_refs, sb.data_used, 0),
+            (
+                "metadata",
+                l.meta_bitmap_start,
+                l.meta_blocks,
+                &meta_refs,
+                sb.meta_used,
+                l.meta_start,
+            ),
+            (
+                "data",
+                l.data_bitmap_start,
+                l.data_chunks,
+                &data_refs,
+                sb.data_used,
+                0,
+            ),
         ] {
             let mut set = 0u64;
             let mut bad = 0u64;
@@ -271,20 +337,48 @@ pub fn check<D: BlockIo>(dev: D) -> (Report, Option<(Super, ExceptionMap)>) {
                 if is_set != refs.contains(&(base + i)) {
                     bad += 1;
                     if bad <= 5 {
-                        err(&mut r, format!("{} bitmap: bit {} is {} but the tree {} it", name, i, if is_set { "set" } else { "clear" }, if is_set { "does not reference" } else { "references" }));
+                        err(
+                            &mut r,
+                            format!(
+                                "{} bitmap: bit {} is {} but the tree {} it",
+                                name,
+                                i,
+                                if is_set { "set" } else { "clear" },
+                                if is_set {
+                                    "does not reference"
+                                } else {
+                                    "references"
+                                }
+                            ),
+                        );
                     }
                 }
             }
             if bad > 5 {
-                err(&mut r, format!("{} bitmap: {} mismatches in all", name, bad));
+                err(
+                    &mut r,
+                    format!("{} bitmap: {} mismatches in all", name, bad),
+                );
             }
             if set != used {
-                err(&mut r, format!("{} space: superblock counts {} used, bitmap has {}", name, used, set));
+                err(
+                    &mut r,
+                    format!(
+                        "{} space: superblock counts {} used, bitmap has {}",
+                        name, used, set
+                    ),
+                );
             }
         }
         for (i, s) in sb.snaps.iter().enumerate() {
             if s.flags & SNAP_LIVE != 0 && s.owned != owned[i] {
-                err(&mut r, format!("snapshot {} (slot {}): owned count {} but the tree has {}", s.id, i, s.owned, owned[i]));
+                err(
+                    &mut r,
+                    format!(
+                        "snapshot {} (slot {}): owned count {} but the tree has {}",
+                        s.id, i, s.owned, owned[i]
+                    ),
+                );
             }
         }
     }
@@ -294,7 +388,10 @@ pub fn check<D: BlockIo>(dev: D) -> (Report, Option<(Super, ExceptionMap)>) {
 /// Where `who` (None: the origin; Some(slot)) reads `chunk` from: None = the origin chunk.
 pub fn source(map: &ExceptionMap, chunk: u64, who: Option<usize>) -> Option<u64> {
     let slot = who?;
-    map.get(&chunk)?.iter().find(|e| e.share & (1 << slot) != 0).map(|e| e.cow)
+    map.get(&chunk)?
+        .iter()
+        .find(|e| e.share & (1 << slot) != 0)
+        .map(|e| e.cow)
 }
 
 /// Chunk ranges [start, end) whose content may differ between `a` and `b`.

@@ -36,7 +36,12 @@ impl VecMem {
 
 impl CacheMem for VecMem {
     fn parts(&mut self) -> Parts<'_> {
-        Parts { blocks: &mut self.blocks, slots: &mut self.slots, buckets: &mut self.buckets, pending: &mut self.pending }
+        Parts {
+            blocks: &mut self.blocks,
+            slots: &mut self.slots,
+            buckets: &mut self.buckets,
+            pending: &mut self.pending,
+        }
     }
     fn blocks(&self) -> &[Block] {
         &self.blocks
@@ -71,7 +76,14 @@ pub struct MemDev {
 impl MemDev {
     /// A zeroed device of `blocks` 4 KiB blocks.
     pub fn new(blocks: u64) -> Self {
-        MemDev { blocks, durable: HashMap::new(), volatile: Vec::new(), writes: 0, flushes: 0, fail_after_writes: None }
+        MemDev {
+            blocks,
+            durable: HashMap::new(),
+            volatile: Vec::new(),
+            writes: 0,
+            flushes: 0,
+            fail_after_writes: None,
+        }
     }
 
     fn current(&self, nr: u64) -> Option<&Block> {
@@ -83,7 +95,11 @@ impl MemDev {
 
     /// The device after a power cut: durable content plus the unflushed writes that `keep`
     /// selects (given their index); the write at index `torn` keeps only its first `torn_sectors` sectors.
-    pub fn crash(&self, mut keep: impl FnMut(usize) -> bool, torn: Option<(usize, usize)>) -> MemDev {
+    pub fn crash(
+        &self,
+        mut keep: impl FnMut(usize) -> bool,
+        torn: Option<(usize, usize)>,
+    ) -> MemDev {
         let mut d = MemDev::new(self.blocks);
         d.durable = self.durable.clone();
         for (i, p) in self.volatile.iter().enumerate() {
@@ -93,7 +109,11 @@ impl MemDev {
             let mut data = p.data.clone();
             if let Some((t, sectors)) = torn {
                 if t == i {
-                    let old = self.durable.get(&p.block).map(|b| **b).unwrap_or([0; BLOCK_SIZE]);
+                    let old = self
+                        .durable
+                        .get(&p.block)
+                        .map(|b| **b)
+                        .unwrap_or([0; BLOCK_SIZE]);
                     data[sectors * 512..].copy_from_slice(&old[sectors * 512..]);
                 }
             }
@@ -152,7 +172,10 @@ impl BlockIo for MemDev {
         }
         self.check_fail()?;
         self.writes += 1;
-        self.volatile.push(Pending { block: nr, data: Box::new(*buf) });
+        self.volatile.push(Pending {
+            block: nr,
+            data: Box::new(*buf),
+        });
         Ok(())
     }
 
@@ -183,10 +206,16 @@ pub struct FileDev {
 impl FileDev {
     /// Opens `path` (read-write unless `readonly`).
     pub fn open(path: &str, readonly: bool) -> std::io::Result<Self> {
-        let file = std::fs::OpenOptions::new().read(true).write(!readonly).open(path)?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!readonly)
+            .open(path)?;
         let mut f2 = file.try_clone()?;
         let size = std::io::Seek::seek(&mut f2, std::io::SeekFrom::End(0))?;
-        Ok(FileDev { file, blocks: size / BLOCK_SIZE as u64 })
+        Ok(FileDev {
+            file,
+            blocks: size / BLOCK_SIZE as u64,
+        })
     }
 
     /// Reads raw bytes.
@@ -200,18 +229,24 @@ impl BlockIo for FileDev {
         if nr >= self.blocks {
             return Err(Error::Io { block: nr });
         }
-        self.file.read_exact_at(buf, nr * BLOCK_SIZE as u64).map_err(|_| Error::Io { block: nr })
+        self.file
+            .read_exact_at(buf, nr * BLOCK_SIZE as u64)
+            .map_err(|_| Error::Io { block: nr })
     }
 
     fn write_block(&mut self, nr: u64, buf: &Block) -> Result<()> {
         if nr >= self.blocks {
             return Err(Error::Io { block: nr });
         }
-        self.file.write_all_at(buf, nr * BLOCK_SIZE as u64).map_err(|_| Error::Io { block: nr })
+        self.file
+            .write_all_at(buf, nr * BLOCK_SIZE as u64)
+            .map_err(|_| Error::Io { block: nr })
     }
 
     fn flush(&mut self) -> Result<()> {
-        self.file.sync_data().map_err(|_| Error::Io { block: u64::MAX })
+        self.file
+            .sync_data()
+            .map_err(|_| Error::Io { block: u64::MAX })
     }
 
     fn size_blocks(&self) -> u64 {

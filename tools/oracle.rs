@@ -17,7 +17,10 @@ const BS: usize = 4096;
 const O_DIRECT: i32 = 0o40000;
 
 #[derive(Parser)]
-#[command(name = "shsnap-oracle", about = "Data oracle for dm-shared-snap VM tests")]
+#[command(
+    name = "shsnap-oracle",
+    about = "Data oracle for dm-shared-snap VM tests"
+)]
 struct Cli {
     /// Model directory (one binary file of u64 tags per device).
     #[arg(long, default_value = "/tmp/oracle")]
@@ -65,7 +68,11 @@ enum Cmd {
     },
     /// After a power cut: make NAME's model match DEV block by block, taking ALT's value
     /// where the device holds it (fails if a block matches neither).
-    Adopt { name: String, dev: String, alt: String },
+    Adopt {
+        name: String,
+        dev: String,
+        alt: String,
+    },
     /// Save the model of NAME as NAME2 (a checkpoint).
     Save { name: String, name2: String },
 }
@@ -97,7 +104,9 @@ fn load(dir: &str, name: &str) -> Vec<u64> {
         eprintln!("shsnap-oracle: no model {}", name);
         std::process::exit(2)
     });
-    b.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect()
+    b.chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+        .collect()
 }
 
 fn save(dir: &str, m: &Model) {
@@ -105,7 +114,11 @@ fn save(dir: &str, m: &Model) {
     for (name, v) in m {
         let p = format!("{}/{}", dir, name);
         match v {
-            Some(v) => std::fs::write(&p, v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()).unwrap(),
+            Some(v) => std::fs::write(
+                &p,
+                v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>(),
+            )
+            .unwrap(),
             None => {
                 let _ = std::fs::remove_file(&p);
             }
@@ -114,10 +127,15 @@ fn save(dir: &str, m: &Model) {
 }
 
 fn open(dev: &str, write: bool) -> File {
-    OpenOptions::new().read(true).write(write).custom_flags(O_DIRECT).open(dev).unwrap_or_else(|e| {
-        eprintln!("shsnap-oracle: {}: {}", dev, e);
-        std::process::exit(2)
-    })
+    OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(O_DIRECT)
+        .open(dev)
+        .unwrap_or_else(|e| {
+            eprintln!("shsnap-oracle: {}: {}", dev, e);
+            std::process::exit(2)
+        })
 }
 
 fn main() -> ExitCode {
@@ -135,17 +153,34 @@ fn main() -> ExitCode {
         Cmd::Drop { name } => {
             m.insert(name, None);
         }
-        Cmd::Write { name, dev, count, max, seed, intent, prev, disjoint } => {
+        Cmd::Write {
+            name,
+            dev,
+            count,
+            max,
+            seed,
+            intent,
+            prev,
+            disjoint,
+        } => {
             let f = open(&dev, true);
             // Tags are unique across runs: seed and a counter.
             let mut rng = SmallRng::seed_from_u64(seed ^ (std::process::id() as u64) << 32);
-            let v = m.entry(name.clone()).or_insert_with(|| Some(load(&dir, &name))).as_mut().unwrap();
+            let v = m
+                .entry(name.clone())
+                .or_insert_with(|| Some(load(&dir, &name)))
+                .as_mut()
+                .unwrap();
             let n = v.len() as u64;
             let mut plan: Vec<(u64, u64, u64)> = Vec::new();
             while (plan.len() as u64) < count {
                 let len = rng.gen_range(1..=max.min(64).min(n));
                 let start = rng.gen_range(0..=n - len);
-                if disjoint && plan.iter().any(|&(s, l, _)| start < s + l && s < start + len) {
+                if disjoint
+                    && plan
+                        .iter()
+                        .any(|&(s, l, _)| start < s + l && s < start + len)
+                {
                     continue;
                 }
                 plan.push((start, len, rng.gen::<u64>() | 1));
@@ -168,12 +203,17 @@ fn main() -> ExitCode {
             }
             for &(start, len, tag) in &plan {
                 for i in 0..len {
-                    fill(&mut buf.0[i as usize * BS..(i as usize + 1) * BS], tag, start + i);
+                    fill(
+                        &mut buf.0[i as usize * BS..(i as usize + 1) * BS],
+                        tag,
+                        start + i,
+                    );
                 }
-                f.write_all_at(&buf.0[..len as usize * BS], start * BS as u64).unwrap_or_else(|e| {
-                    eprintln!("shsnap-oracle: write {} at block {}: {}", dev, start, e);
-                    std::process::exit(1)
-                });
+                f.write_all_at(&buf.0[..len as usize * BS], start * BS as u64)
+                    .unwrap_or_else(|e| {
+                        eprintln!("shsnap-oracle: write {} at block {}: {}", dev, start, e);
+                        std::process::exit(1)
+                    });
                 for i in 0..len {
                     v[(start + i) as usize] = tag;
                 }
@@ -219,13 +259,24 @@ fn main() -> ExitCode {
                 for k in 0..n {
                     fill(&mut want, v[i + k], (i + k) as u64);
                     let alt_ok = alt.as_ref().is_some_and(|a| {
-                        fill(&mut want2, a.get(i + k).copied().unwrap_or(0), (i + k) as u64);
+                        fill(
+                            &mut want2,
+                            a.get(i + k).copied().unwrap_or(0),
+                            (i + k) as u64,
+                        );
                         buf.0[k * BS..(k + 1) * BS] == want2[..]
                     });
                     if buf.0[k * BS..(k + 1) * BS] != want[..] && !alt_ok {
                         if bad < 5 {
-                            let got = u64::from_le_bytes(buf.0[k * BS..k * BS + 8].try_into().unwrap());
-                            eprintln!("{}: block {}: expected tag {:#x}, read tag {:#x}", name, i + k, v[i + k], got);
+                            let got =
+                                u64::from_le_bytes(buf.0[k * BS..k * BS + 8].try_into().unwrap());
+                            eprintln!(
+                                "{}: block {}: expected tag {:#x}, read tag {:#x}",
+                                name,
+                                i + k,
+                                v[i + k],
+                                got
+                            );
                         }
                         bad += 1;
                     }

@@ -10,7 +10,11 @@ use shsnap_core::host::FileDev;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "shsnap", version, about = "Tools for dm-shared-snap COW devices")]
+#[command(
+    name = "shsnap",
+    version,
+    about = "Tools for dm-shared-snap COW devices"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -117,10 +121,19 @@ struct DeltaOut {
 
 fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
     match cli.cmd {
-        Cmd::Format { chunk_sectors, meta_blocks, dev } => {
+        Cmd::Format {
+            chunk_sectors,
+            meta_blocks,
+            dev,
+        } => {
             let mut d = open(&dev, false)?;
             let mut scratch = [0u8; BLOCK_SIZE];
-            let p = FormatParams { chunk_sectors, store_id: rand::random::<u64>() | 1, uuid: rand::random(), meta_blocks };
+            let p = FormatParams {
+                chunk_sectors,
+                store_id: rand::random::<u64>() | 1,
+                uuid: rand::random(),
+                meta_blocks,
+            };
             match format(&mut d, &p, &mut scratch) {
                 Ok(sb) => {
                     println!(
@@ -156,7 +169,11 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                     if r.clean { "closed cleanly" } else { "not closed cleanly" }
                 );
             }
-            Ok(if r.errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            Ok(if r.errors.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         Cmd::Dump { json, dev } => {
             let (r, map) = check::check(open(&dev, true)?);
@@ -165,28 +182,65 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 return Err(ExitCode::from(1));
             };
             let ids = |share: u64| -> Vec<u32> {
-                (0..64).filter(|i| share & (1 << i) != 0 && sb.snaps[*i].flags != 0).map(|i| sb.snaps[i].id).collect()
+                (0..64)
+                    .filter(|i| share & (1 << i) != 0 && sb.snaps[*i].flags != 0)
+                    .map(|i| sb.snaps[i].id)
+                    .collect()
             };
             if json {
                 let exceptions = map
                     .values()
                     .flatten()
-                    .map(|e| DumpException { chunk: e.chunk, cow: e.cow, share: format!("{:#x}", e.share), snapshots: ids(e.share) })
+                    .map(|e| DumpException {
+                        chunk: e.chunk,
+                        cow: e.cow,
+                        share: format!("{:#x}", e.share),
+                        snapshots: ids(e.share),
+                    })
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&DumpOut { report: &r, exceptions }).unwrap());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&DumpOut {
+                        report: &r,
+                        exceptions
+                    })
+                    .unwrap()
+                );
             } else {
-                println!("chunk_sectors {} data {}/{} metadata {}/{} depth {}", r.chunk_sectors, r.data_used, r.data_total, r.meta_used, r.meta_total, r.depth);
+                println!(
+                    "chunk_sectors {} data {}/{} metadata {}/{} depth {}",
+                    r.chunk_sectors, r.data_used, r.data_total, r.meta_used, r.meta_total, r.depth
+                );
                 for s in &r.snapshots {
-                    println!("snapshot id {} slot {} {} seq {} owned {}", s.id, s.slot, s.state, s.create_seq, s.owned);
+                    println!(
+                        "snapshot id {} slot {} {} seq {} owned {}",
+                        s.id, s.slot, s.state, s.create_seq, s.owned
+                    );
                 }
                 for e in map.values().flatten() {
-                    println!("exception chunk {} cow {} share {:#018x} snapshots {:?}", e.chunk, e.cow, e.share, ids(e.share));
+                    println!(
+                        "exception chunk {} cow {} share {:#018x} snapshots {:?}",
+                        e.chunk,
+                        e.cow,
+                        e.share,
+                        ids(e.share)
+                    );
                 }
                 print_errors(&r);
             }
-            Ok(if r.errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            Ok(if r.errors.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
-        Cmd::ReplayLog { log, target, from, to, list } => replay_log(&log, target.as_deref(), from, to, list),
+        Cmd::ReplayLog {
+            log,
+            target,
+            from,
+            to,
+            list,
+        } => replay_log(&log, target.as_deref(), from, to, list),
         Cmd::Layout { dev } => {
             let (r, map) = check::check(open(&dev, true)?);
             let Some((sb, _)) = map else {
@@ -228,7 +282,15 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             let ranges = check::delta(&map, slot(&a)?, slot(&b)?);
             let chunks = ranges.iter().map(|(s, e)| e - s).sum();
             if json {
-                println!("{}", serde_json::to_string_pretty(&DeltaOut { chunk_sectors: r.chunk_sectors, ranges, chunks }).unwrap());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&DeltaOut {
+                        chunk_sectors: r.chunk_sectors,
+                        ranges,
+                        chunks
+                    })
+                    .unwrap()
+                );
             } else {
                 let cs = r.chunk_sectors as u64;
                 for (s, e) in &ranges {
@@ -250,7 +312,13 @@ const LOG_MARK: u64 = 8;
 /// Reads a dm-log-writes log (format of drivers/md/dm-log-writes.c: a super in the first
 /// logical sector, then per entry one sector {le64 sector, nr_sectors, flags, data_len}
 /// followed by nr_sectors of data; mark names inline after the entry header).
-fn replay_log(log: &str, target: Option<&str>, from: u64, to: Option<u64>, list: bool) -> Result<ExitCode, ExitCode> {
+fn replay_log(
+    log: &str,
+    target: Option<&str>,
+    from: u64,
+    to: Option<u64>,
+    list: bool,
+) -> Result<ExitCode, ExitCode> {
     use std::os::unix::fs::FileExt;
     let err = |e: std::io::Error| {
         eprintln!("shsnap: {}", e);
@@ -267,7 +335,12 @@ fn replay_log(log: &str, target: Option<&str>, from: u64, to: Option<u64>, list:
     let nr = le(&sup, 16);
     let ss = u32::from_le_bytes(sup[24..28].try_into().unwrap()) as u64;
     let out = match target {
-        Some(t) => Some(std::fs::OpenOptions::new().write(true).open(t).map_err(err)?),
+        Some(t) => Some(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(t)
+                .map_err(err)?,
+        ),
         None => None,
     };
     let last = to.unwrap_or(nr.saturating_sub(1)).min(nr.saturating_sub(1));
@@ -285,13 +358,34 @@ fn replay_log(log: &str, target: Option<&str>, from: u64, to: Option<u64>, list:
         let has_data = flags & (LOG_DISCARD | LOG_MARK) == 0 && n > 0;
         if list {
             let mut kinds = Vec::new();
-            for (bit, name) in [(LOG_FLUSH, "flush"), (LOG_FUA, "fua"), (LOG_DISCARD, "discard"), (LOG_MARK, "mark")] {
+            for (bit, name) in [
+                (LOG_FLUSH, "flush"),
+                (LOG_FUA, "fua"),
+                (LOG_DISCARD, "discard"),
+                (LOG_MARK, "mark"),
+            ] {
                 if flags & bit != 0 {
                     kinds.push(name);
                 }
             }
-            let mark = if flags & LOG_MARK != 0 { String::from_utf8_lossy(&hdr[32..32 + (dlen as usize).min(ss as usize - 32)]).into_owned() } else { String::new() };
-            println!("{} {} {} {} {}", i, if kinds.is_empty() { "write".into() } else { kinds.join(",") }, sector, n, mark);
+            let mark = if flags & LOG_MARK != 0 {
+                String::from_utf8_lossy(&hdr[32..32 + (dlen as usize).min(ss as usize - 32)])
+                    .into_owned()
+            } else {
+                String::new()
+            };
+            println!(
+                "{} {} {} {} {}",
+                i,
+                if kinds.is_empty() {
+                    "write".into()
+                } else {
+                    kinds.join(",")
+                },
+                sector,
+                n,
+                mark
+            );
         } else if i >= from && has_data {
             if let Some(o) = out.as_ref() {
                 data.resize((n * ss) as usize, 0);
@@ -306,7 +400,10 @@ fn replay_log(log: &str, target: Option<&str>, from: u64, to: Option<u64>, list:
     }
     if let Some(o) = out {
         o.sync_all().map_err(err)?;
-        eprintln!("replayed {} writes (entries {}..={} of {})", applied, from, last, nr);
+        eprintln!(
+            "replayed {} writes (entries {}..={} of {})",
+            applied, from, last, nr
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
