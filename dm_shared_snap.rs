@@ -27,8 +27,8 @@ mod exception_store;
 mod journal;
 
 use dm::{
-    Bio, BioKind, BioRef, CacheMemory, Copier, DevHandle, Device, EventHandle, Inflight, MapResult, MetaIo, Output,
-    Registry, StatusType, Target, TargetOps, TryMutex, Worker,
+    Bio, BioKind, BioRef, CacheMemory, Copier, DevHandle, Device, EventHandle, Inflight, MapResult,
+    MetaIo, Output, Registry, StatusType, Target, TargetOps, TryMutex, Worker,
 };
 use exception_store::format::{Block, BlockIo, Error as StoreError, BLOCK_SIZE, MAX_SNAPSHOTS};
 use exception_store::superblock::{Super, SNAP_INVALID, SNAP_LIVE};
@@ -243,7 +243,9 @@ impl TargetOps for Origin {
         if args.len() < 3 {
             return Err(fail(
                 t,
-                c_str!("expected <origin_dev> <cow_dev> <chunk_sectors> [<#features> <feature>...]"),
+                c_str!(
+                    "expected <origin_dev> <cow_dev> <chunk_sectors> [<#features> <feature>...]"
+                ),
                 EINVAL,
             ));
         }
@@ -262,7 +264,11 @@ impl TargetOps for Origin {
                 return Err(fail(t, c_str!("invalid feature count"), EINVAL));
             };
             if args.len() != 4 + nf as usize {
-                return Err(fail(t, c_str!("feature count does not match the arguments"), EINVAL));
+                return Err(fail(
+                    t,
+                    c_str!("feature count does not match the arguments"),
+                    EINVAL,
+                ));
             }
             if nf > 0 {
                 return Err(fail(t, c_str!("unknown feature"), EINVAL));
@@ -278,11 +284,19 @@ impl TargetOps for Origin {
             return Err(fail(t, c_str!("origin and COW device must differ"), EINVAL));
         }
         if t.len() > origin.sectors() {
-            return Err(fail(t, c_str!("target is larger than the origin device"), EINVAL));
+            return Err(fail(
+                t,
+                c_str!("target is larger than the origin device"),
+                EINVAL,
+            ));
         }
         let cow_devt = cow.devt();
         if ORIGINS.any(|s| s.cow.devt() == cow_devt) {
-            return Err(fail(t, c_str!("COW device is in use by another origin"), EBUSY));
+            return Err(fail(
+                t,
+                c_str!("COW device is in use by another origin"),
+                EBUSY,
+            ));
         }
         let store = Self::open_store(t, &cow, chunk)?;
         let cache_bytes = store.mem().bytes();
@@ -415,7 +429,8 @@ impl TargetOps for Origin {
                             .iter()
                             .filter(|x| x.flags & SNAP_LIVE != 0 && x.flags & SNAP_INVALID != 0)
                         {
-                            let _ = write!(out, "{}{}", if any { "," } else { "invalid:" }, snap.id);
+                            let _ =
+                                write!(out, "{}{}", if any { "," } else { "invalid:" }, snap.id);
                             any = true;
                         }
                         if !any {
@@ -428,7 +443,13 @@ impl TargetOps for Origin {
                 }
             }
             StatusType::Table => {
-                let _ = write!(out, "{} {} {}", sh.origin.name(), sh.cow.name(), sh.chunk_sectors);
+                let _ = write!(
+                    out,
+                    "{} {} {}",
+                    sh.origin.name(),
+                    sh.cow.name(),
+                    sh.chunk_sectors
+                );
             }
             StatusType::Other => {}
         }
@@ -446,7 +467,10 @@ impl TargetOps for Origin {
                 let mut st = sh.state.lock();
                 let st = &mut *st;
                 if st.failed.is_some() {
-                    pr_err!("{}: COW device failed; snapshots unavailable\n", sh.origin.name());
+                    pr_err!(
+                        "{}: COW device failed; snapshots unavailable\n",
+                        sh.origin.name()
+                    );
                     return Err(EIO);
                 }
                 let Some(store) = st.store.as_mut() else {
@@ -569,7 +593,12 @@ impl Shared {
                 Ok(())
             }
             Err(e) => {
-                pr_err!("{}: cannot create snapshot {}: {}\n", self.origin.name(), id, e);
+                pr_err!(
+                    "{}: cannot create snapshot {}: {}\n",
+                    self.origin.name(),
+                    id,
+                    e
+                );
                 Err(match e {
                     StoreError::DuplicateId => EEXIST,
                     StoreError::TooManySnapshots => ENOSPC,
@@ -600,8 +629,17 @@ impl Shared {
                 Ok(())
             }
             Err(e) => {
-                pr_err!("{}: cannot delete snapshot {}: {}\n", self.origin.name(), id, e);
-                Err(if e == StoreError::NoSuchSnapshot { ENOENT } else { EIO })
+                pr_err!(
+                    "{}: cannot delete snapshot {}: {}\n",
+                    self.origin.name(),
+                    id,
+                    e
+                );
+                Err(if e == StoreError::NoSuchSnapshot {
+                    ENOENT
+                } else {
+                    EIO
+                })
             }
         }
     }
@@ -655,7 +693,12 @@ impl Shared {
         KBox::new(s, GFP_NOWAIT | __GFP_NOWARN).map_err(|_| StoreError::Invalid("out of memory"))
     }
 
-    fn plan(&self, st: &mut State, bio: &Bio, off: u64) -> core::result::Result<Action, StoreError> {
+    fn plan(
+        &self,
+        st: &mut State,
+        bio: &Bio,
+        off: u64,
+    ) -> core::result::Result<Action, StoreError> {
         let tag = bio.tag();
         let chunk = self.chunk_of(off);
         let snap = tag & TAG_SNAP != 0;
@@ -693,7 +736,9 @@ impl Shared {
         if bio.kind() == BioKind::Read {
             return match store.lookup(chunk, slot, false) {
                 Ok(src) => Ok(Action::SnapRead(src)),
-                Err(StoreError::SnapshotInvalid) | Err(StoreError::NoSuchSnapshot) => Ok(Action::Fail(EIO)),
+                Err(StoreError::SnapshotInvalid) | Err(StoreError::NoSuchSnapshot) => {
+                    Ok(Action::Fail(EIO))
+                }
                 Err(e) => {
                     self.give_up(st, "metadata error on snapshot read", e);
                     Ok(Action::Fail(EIO))
@@ -719,7 +764,9 @@ impl Shared {
                 self.event.raise();
                 Ok(Action::Fail(EIO))
             }
-            Err(StoreError::SnapshotInvalid) | Err(StoreError::NoSuchSnapshot) => Ok(Action::Fail(EIO)),
+            Err(StoreError::SnapshotInvalid) | Err(StoreError::NoSuchSnapshot) => {
+                Ok(Action::Fail(EIO))
+            }
             Err(e) => {
                 self.give_up(st, "metadata error on snapshot write", e);
                 Ok(Action::Fail(EIO))
@@ -737,7 +784,11 @@ impl Shared {
             let off = bio.sector();
             let chunk = self.chunk_of(off);
             // One bio per chunk per batch: copies within a batch never depend on each other.
-            if items[..n].iter().flatten().any(|it| self.chunk_of(it.off) == chunk) {
+            if items[..n]
+                .iter()
+                .flatten()
+                .any(|it| self.chunk_of(it.off) == chunk)
+            {
                 self.worker.push_front(bio);
                 break;
             }
@@ -773,15 +824,30 @@ impl Shared {
             let copy = match it.action {
                 Action::OriginWrite(c) => {
                     origin_writes = true;
-                    c.map(|c| (self.origin_h, chunk << self.chunk_shift, self.cow_sector(c, 0)))
+                    c.map(|c| {
+                        (
+                            self.origin_h,
+                            chunk << self.chunk_shift,
+                            self.cow_sector(c, 0),
+                        )
+                    })
                 }
-                Action::SnapWrite { dst, from: Some(src) } => Some(match src {
-                    Source::Origin => (self.origin_h, chunk << self.chunk_shift, self.cow_sector(dst, 0)),
+                Action::SnapWrite {
+                    dst,
+                    from: Some(src),
+                } => Some(match src {
+                    Source::Origin => (
+                        self.origin_h,
+                        chunk << self.chunk_shift,
+                        self.cow_sector(dst, 0),
+                    ),
                     Source::Cow(c) => (self.cow_h, self.cow_sector(c, 0), self.cow_sector(dst, 0)),
                 }),
                 _ => None,
             };
-            let Some((dev, src, dst)) = copy else { continue };
+            let Some((dev, src, dst)) = copy else {
+                continue;
+            };
             if st.gave_up {
                 continue;
             }
@@ -807,7 +873,11 @@ impl Shared {
         st.stats.batches += 1;
         st.stats.bios += n as u64;
         if copying && self.copier.wait().is_err() {
-            self.give_up(st, "copy to the COW device failed", StoreError::Io { block: u64::MAX });
+            self.give_up(
+                st,
+                "copy to the COW device failed",
+                StoreError::Io { block: u64::MAX },
+            );
         }
         if st.failed.is_none() && !st.gave_up {
             if let Some(s) = st.store.as_mut() {
@@ -825,7 +895,12 @@ impl Shared {
         }
         let failed = st.failed.is_some() || st.gave_up;
         for it in items[..n].iter_mut() {
-            let Some(Item { mut bio, off, action }) = it.take() else {
+            let Some(Item {
+                mut bio,
+                off,
+                action,
+            }) = it.take()
+            else {
                 continue;
             };
             match action {
@@ -855,7 +930,9 @@ impl Shared {
         if st.failed.is_some() {
             return false;
         }
-        let Some(s) = st.store.as_mut() else { return false };
+        let Some(s) = st.store.as_mut() else {
+            return false;
+        };
         if !s.delete_pending() {
             return false;
         }
@@ -906,7 +983,11 @@ impl TargetOps for Snapshot {
             ));
         };
         if t.len() > shared.origin_sectors {
-            return Err(fail(t, c_str!("snapshot is larger than its origin"), EINVAL));
+            return Err(fail(
+                t,
+                c_str!("snapshot is larger than its origin"),
+                EINVAL,
+            ));
         }
         let slot = {
             let mut st = shared.state.lock();
@@ -961,7 +1042,9 @@ impl TargetOps for Snapshot {
                 let fast = if kind == BioKind::Read {
                     match s.lookup(chunk, self.slot, true) {
                         Ok(src) => Some(src),
-                        Err(StoreError::SnapshotInvalid) | Err(StoreError::NoSuchSnapshot) => return MapResult::Kill,
+                        Err(StoreError::SnapshotInvalid) | Err(StoreError::NoSuchSnapshot) => {
+                            return MapResult::Kill
+                        }
                         Err(_) => None,
                     }
                 } else {

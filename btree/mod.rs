@@ -6,7 +6,8 @@
 //! fixed arrays bounded by `MAX_DEPTH`.
 
 use crate::exception_store::format::{
-    get16, get64, put16, put64, Block, BlockType, Error, Result, BLOCK_SIZE, HEADER_SIZE, MAX_DEPTH, MAX_SNAPSHOTS,
+    get16, get64, put16, put64, Block, BlockType, Error, Result, BLOCK_SIZE, HEADER_SIZE,
+    MAX_DEPTH, MAX_SNAPSHOTS,
 };
 
 /// Offset of the entry count (u16) in a node header.

@@ -63,10 +63,19 @@ mod ffi {
         pub(super) fn dmss_ti_set_error(ti: *mut DmTarget, msg: *const c_char);
         pub(super) fn dmss_ti_begin(ti: *mut DmTarget) -> u64;
         pub(super) fn dmss_ti_len(ti: *mut DmTarget) -> u64;
-        pub(super) fn dmss_ti_setup(ti: *mut DmTarget, max_io_len: u32, pbd: c_uint, flush_bios: c_uint) -> c_int;
+        pub(super) fn dmss_ti_setup(
+            ti: *mut DmTarget,
+            max_io_len: u32,
+            pbd: c_uint,
+            flush_bios: c_uint,
+        ) -> c_int;
         pub(super) fn dmss_ti_devt(ti: *mut DmTarget) -> u32;
         pub(super) fn dmss_ti_event(ti: *mut DmTarget);
-        pub(super) fn dmss_get_device(ti: *mut DmTarget, path: *const c_char, err: *mut c_int) -> *mut DmDev;
+        pub(super) fn dmss_get_device(
+            ti: *mut DmTarget,
+            path: *const c_char,
+            err: *mut c_int,
+        ) -> *mut DmDev;
         pub(super) fn dmss_put_device(ti: *mut DmTarget, d: *mut DmDev);
         pub(super) fn dmss_dev_sectors(d: *mut DmDev) -> u64;
         pub(super) fn dmss_dev_devt(d: *mut DmDev) -> u32;
@@ -109,7 +118,14 @@ mod ffi {
         ) -> c_int;
         pub(super) fn dmss_copier_create() -> *mut CCopier;
         pub(super) fn dmss_copier_destroy(c: *mut CCopier);
-        pub(super) fn dmss_copy(c: *mut CCopier, src: *mut DmDev, ss: u64, dst: *mut DmDev, ds: u64, n: u64);
+        pub(super) fn dmss_copy(
+            c: *mut CCopier,
+            src: *mut DmDev,
+            ss: u64,
+            dst: *mut DmDev,
+            ds: u64,
+            n: u64,
+        );
         pub(super) fn dmss_copy_wait(c: *mut CCopier) -> c_int;
         pub(super) fn dmss_crc32c(data: *const c_void, len: usize) -> u32;
         pub(super) fn dmss_random_u64() -> u64;
@@ -655,7 +671,14 @@ impl Copier {
     }
 
     /// Starts copying `n` sectors.
-    pub(crate) fn copy(&self, src: DevHandle, src_sector: u64, dst: DevHandle, dst_sector: u64, n: u64) {
+    pub(crate) fn copy(
+        &self,
+        src: DevHandle,
+        src_sector: u64,
+        dst: DevHandle,
+        dst_sector: u64,
+        n: u64,
+    ) {
         // SAFETY: both devices are open (DevHandle invariant); kcopyd allocates from its
         // mempools and never fails the call.
         unsafe {
@@ -754,7 +777,13 @@ impl fmt_::BlockIo for MetaIo {
         self.io(nr, 1, buf.as_ptr() as *mut c_void, IO_WRITE)
     }
 
-    fn write_run(&mut self, nr: u64, bufs: &[Block], preflush: bool, fua: bool) -> fmt_::Result<()> {
+    fn write_run(
+        &mut self,
+        nr: u64,
+        bufs: &[Block],
+        preflush: bool,
+        fua: bool,
+    ) -> fmt_::Result<()> {
         let n = bufs.len() as u64;
         if n == 0 || nr + n > self.blocks {
             return Err(fmt_::Error::Io { block: nr });
@@ -914,7 +943,12 @@ impl<T, const N: usize> Registry<T, N> {
 
     /// The entry under `key`.
     pub(crate) fn get(&self, key: u32) -> Option<kernel::sync::Arc<T>> {
-        self.with(|e| e.iter().flatten().find(|(k, _)| *k == key).map(|(_, v)| v.clone()))
+        self.with(|e| {
+            e.iter()
+                .flatten()
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| v.clone())
+        })
     }
 
     /// Whether any entry satisfies `f`.
@@ -1018,7 +1052,12 @@ macro_rules! dispatch {
 }
 
 #[no_mangle]
-extern "C" fn dmss_rust_ctr(ti: *mut ffi::DmTarget, kind: c_int, argc: c_uint, argv: *mut *mut c_char) -> c_int {
+extern "C" fn dmss_rust_ctr(
+    ti: *mut ffi::DmTarget,
+    kind: c_int,
+    argc: c_uint,
+    argv: *mut *mut c_char,
+) -> c_int {
     dispatch!(kind, T => do_ctr::<T>(ti, argc, argv))
 }
 
@@ -1045,7 +1084,13 @@ extern "C" fn dmss_rust_end_io(ti: *mut ffi::DmTarget, kind: c_int, b: *mut ffi:
 }
 
 #[no_mangle]
-extern "C" fn dmss_rust_status(ti: *mut ffi::DmTarget, kind: c_int, ty: c_int, result: *mut c_char, maxlen: c_uint) {
+extern "C" fn dmss_rust_status(
+    ti: *mut ffi::DmTarget,
+    kind: c_int,
+    ty: c_int,
+    result: *mut c_char,
+    maxlen: c_uint,
+) {
     let mut out = Output {
         buf: result,
         len: 0,
@@ -1100,7 +1145,11 @@ extern "C" fn dmss_rust_resume(ti: *mut ffi::DmTarget, kind: c_int) {
 }
 
 #[no_mangle]
-extern "C" fn dmss_rust_device(ti: *mut ffi::DmTarget, kind: c_int, idx: c_uint) -> *mut ffi::DmDev {
+extern "C" fn dmss_rust_device(
+    ti: *mut ffi::DmTarget,
+    kind: c_int,
+    idx: c_uint,
+) -> *mut ffi::DmDev {
     let d = dispatch!(kind, T => ctx::<T>(ti).device(idx));
     d.map_or(core::ptr::null_mut(), |d| d.0.as_ptr())
 }

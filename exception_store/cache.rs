@@ -226,7 +226,12 @@ impl<M: CacheMem> Cache<M> {
 
     /// Returns the slot holding `block`, reading it if needed.  The bool is true when the
     /// block was just read from disk: the caller must validate it (and `discard` on failure).
-    pub fn get(&mut self, io: &mut impl BlockIo, block: u64, nonblocking: bool) -> Result<(usize, bool)> {
+    pub fn get(
+        &mut self,
+        io: &mut impl BlockIo,
+        block: u64,
+        nonblocking: bool,
+    ) -> Result<(usize, bool)> {
         if let Some(i) = self.find(block) {
             self.touch(i);
             return Ok((i, false));
@@ -315,7 +320,10 @@ impl<M: CacheMem> Cache<M> {
     }
 
     /// Calls `f` with the slot index of every dirty block, in slot order.
-    pub fn for_each_dirty(&mut self, mut f: impl FnMut(&mut Self, usize) -> Result<()>) -> Result<()> {
+    pub fn for_each_dirty(
+        &mut self,
+        mut f: impl FnMut(&mut Self, usize) -> Result<()>,
+    ) -> Result<()> {
         for i in 0..self.capacity() {
             if self.mem.parts().slots[i].state == SlotState::Dirty {
                 f(self, i)?;

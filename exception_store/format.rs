@@ -222,7 +222,13 @@ pub fn block_crc(io: &impl BlockIo, b: &Block) -> u32 {
 }
 
 /// Validates the common header: checksum, type, block number and store id.
-pub fn check_header(io: &impl BlockIo, b: &Block, ty: BlockType, nr: u64, store_id: u64) -> Result<()> {
+pub fn check_header(
+    io: &impl BlockIo,
+    b: &Block,
+    ty: BlockType,
+    nr: u64,
+    store_id: u64,
+) -> Result<()> {
     if get32(b, H_CRC) != io.crc32c(&b[4..]) {
         return Err(Error::Corrupt {
             block: nr,

@@ -241,7 +241,12 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
         self.sb.flags &= !SB_DIRTY;
         self.sb_dirty = true;
         self.commit()?;
-        journal::checkpoint(&mut self.io, &mut self.cache, &mut self.journal, self.sb.store_id)?;
+        journal::checkpoint(
+            &mut self.io,
+            &mut self.cache,
+            &mut self.journal,
+            self.sb.store_id,
+        )?;
         Ok((self.io, self.cache.into_mem(), self.sb))
     }
 
@@ -298,7 +303,8 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
     /// Whether the transaction is too full for another operation.
     pub fn needs_commit(&self) -> bool {
         let limit = MAX_TX_BLOCKS.min(self.cache.capacity() / 2);
-        self.cache.ndirty() + OP_MAX_DIRTY + 1 > limit || self.npending + btree::LEAF_CAP > PENDING_MAX
+        self.cache.ndirty() + OP_MAX_DIRTY + 1 > limit
+            || self.npending + btree::LEAF_CAP > PENDING_MAX
     }
 
     fn check_usable(&self) -> Result<()> {
@@ -320,7 +326,10 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
     /// Runs a mutation; errors that can leave memory half-updated poison the store.
     fn guard<T>(&mut self, r: Result<T>) -> Result<T> {
         if let Err(e) = r {
-            if matches!(e, Error::Io { .. } | Error::Corrupt { .. } | Error::CacheFull) {
+            if matches!(
+                e,
+                Error::Io { .. } | Error::Corrupt { .. } | Error::CacheFull
+            ) {
                 self.poisoned = Some(e);
             }
         }
@@ -337,7 +346,12 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
             let slot = self.guard(r)?;
             self.sb.encode(self.cache.data_mut(slot), STATE_BLOCK);
         }
-        let r = journal::commit(&mut self.io, &mut self.cache, &mut self.journal, self.sb.store_id);
+        let r = journal::commit(
+            &mut self.io,
+            &mut self.cache,
+            &mut self.journal,
+            self.sb.store_id,
+        );
         self.guard(r)?;
         self.sb_dirty = false;
         self.npending = 0;
@@ -395,7 +409,14 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
             Area::Meta => Error::NoMetaSpace,
             Area::Data => Error::NoDataSpace,
         };
-        if *self.used(area) + if area == Area::Data { self.npending as u64 } else { 0 } >= total {
+        if *self.used(area)
+            + if area == Area::Data {
+                self.npending as u64
+            } else {
+                0
+            }
+            >= total
+        {
             return Err(full);
         }
         let ai = area as usize;
@@ -413,7 +434,9 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
                 i = (i + step) % total;
                 continue;
             }
-            if v & m == 0 && !(area == Area::Data && self.cache.pending()[..self.npending].contains(&i)) {
+            if v & m == 0
+                && !(area == Area::Data && self.cache.pending()[..self.npending].contains(&i))
+            {
                 self.cache.data_mut(slot)[byte] |= m;
                 *self.used(area) += 1;
                 self.sb_dirty = true;
@@ -461,7 +484,12 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
     // ---- lookups -------------------------------------------------------------------------
 
     /// Calls `f` for every exception of `chunk`.
-    pub fn exceptions_of(&mut self, chunk: u64, nonblocking: bool, mut f: impl FnMut(&Exception)) -> Result<()> {
+    pub fn exceptions_of(
+        &mut self,
+        chunk: u64,
+        nonblocking: bool,
+        mut f: impl FnMut(&Exception),
+    ) -> Result<()> {
         self.check_usable()?;
         self.cache.begin_op();
         let root = self.sb.root;
@@ -525,7 +553,8 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
         let path = btree::find_leaf(self, root, chunk, false)?;
         let lslot = path.leaf.1;
         let (s, e) = btree::chunk_range(self.cache.data(lslot), chunk);
-        let Some(i) = (s..e).find(|&i| btree::leaf_entry(self.cache.data(lslot), i).cow == cow) else {
+        let Some(i) = (s..e).find(|&i| btree::leaf_entry(self.cache.data(lslot), i).cow == cow)
+        else {
             return Err(Error::Invalid("no such exception"));
         };
         let old = btree::leaf_entry(self.cache.data(lslot), i).share;
@@ -746,8 +775,16 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> NodeStore for Store<D
         let (slot, fresh) = self.cache.get(&mut self.io, block, nonblocking)?;
         if fresh {
             let b = self.cache.data(slot);
-            let r = check_header(&self.io, b, btree::node_type(level), block, self.sb.store_id)
-                .and_then(|_| btree::validate_node(b, block, level, |c| l.is_meta(c), |c| c < l.data_chunks));
+            let r = check_header(
+                &self.io,
+                b,
+                btree::node_type(level),
+                block,
+                self.sb.store_id,
+            )
+            .and_then(|_| {
+                btree::validate_node(b, block, level, |c| l.is_meta(c), |c| c < l.data_chunks)
+            });
             if let Err(e) = r {
                 self.cache.discard(slot);
                 return Err(e);

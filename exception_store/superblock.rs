@@ -147,10 +147,15 @@ impl Layout {
         ) else {
             return bad("region overflows");
         };
-        if self.meta_bitmap_start != j_end || self.data_bitmap_start != mb_end || self.meta_start != db_end {
+        if self.meta_bitmap_start != j_end
+            || self.data_bitmap_start != mb_end
+            || self.meta_start != db_end
+        {
             return bad("regions out of order");
         }
-        if self.meta_blocks == 0 || self.meta_bitmap_blocks != self.meta_blocks.div_ceil(BITS_PER_BITMAP) {
+        if self.meta_blocks == 0
+            || self.meta_bitmap_blocks != self.meta_blocks.div_ceil(BITS_PER_BITMAP)
+        {
             return bad("metadata bitmap size");
         }
         if self.data_bitmap_blocks < self.data_chunks.div_ceil(BITS_PER_BITMAP) {
@@ -233,7 +238,11 @@ impl Super {
     /// (block 0) or as the state block.
     pub fn encode(&self, b: &mut Block, nr: u64) {
         b.fill(0);
-        let ty = if nr == 0 { BlockType::Super } else { BlockType::State };
+        let ty = if nr == 0 {
+            BlockType::Super
+        } else {
+            BlockType::State
+        };
         init_header(b, ty, nr, self.store_id);
         put32(b, SB_VERSION, FORMAT_VERSION);
         put32(b, SB_CHUNK, self.layout.chunk_sectors);
@@ -327,8 +336,14 @@ impl Super {
     /// Checks the header, magic (block 0), version and block size of the superblock or
     /// state block `nr`, and decodes and validates its layout.
     fn identity(io: &impl BlockIo, b: &Block, nr: u64, dev_blocks: u64) -> Result<(u64, Layout)> {
-        let ty = if nr == 0 { BlockType::Super } else { BlockType::State };
-        if nr == 0 && (header_type(b) != ty.tag() || b[SB_MAGIC_STR..SB_MAGIC_STR + 8] != MAGIC_STR[..]) {
+        let ty = if nr == 0 {
+            BlockType::Super
+        } else {
+            BlockType::State
+        };
+        if nr == 0
+            && (header_type(b) != ty.tag() || b[SB_MAGIC_STR..SB_MAGIC_STR + 8] != MAGIC_STR[..])
+        {
             return Err(Error::NotAStore("no shared-snapshot superblock magic"));
         }
         let store_id = get64(b, 16);
@@ -360,7 +375,13 @@ impl Super {
 
     /// As `decode`, into `sb` (no large temporaries: the kernel stack is small).
     #[inline(never)]
-    pub fn decode_into(io: &impl BlockIo, b: &Block, nr: u64, dev_blocks: u64, sb: &mut Super) -> Result<()> {
+    pub fn decode_into(
+        io: &impl BlockIo,
+        b: &Block,
+        nr: u64,
+        dev_blocks: u64,
+        sb: &mut Super,
+    ) -> Result<()> {
         let (store_id, layout) = Self::identity(io, b, nr, dev_blocks)?;
         sb.store_id = store_id;
         sb.uuid.copy_from_slice(&b[SB_UUID..SB_UUID + 16]);
@@ -378,7 +399,10 @@ impl Super {
         if sb.meta_used > layout.meta_blocks || sb.data_used > layout.data_chunks {
             return bad("space counters exceed the areas");
         }
-        if !layout.is_meta(sb.root.block) || sb.root.depth == 0 || sb.root.depth as usize > MAX_DEPTH {
+        if !layout.is_meta(sb.root.block)
+            || sb.root.depth == 0
+            || sb.root.depth as usize > MAX_DEPTH
+        {
             return bad("btree root");
         }
         for i in 0..MAX_SNAPSHOTS {
@@ -389,7 +413,9 @@ impl Super {
                 create_seq: get64(b, o + 8),
                 owned: get64(b, o + 16),
             };
-            if s.flags & !SNAP_KNOWN != 0 || (s.flags & SNAP_LIVE != 0 && s.flags & SNAP_DELETING != 0) {
+            if s.flags & !SNAP_KNOWN != 0
+                || (s.flags & SNAP_LIVE != 0 && s.flags & SNAP_DELETING != 0)
+            {
                 return bad("snapshot slot flags");
             }
             if s.flags != 0 && s.flags & (SNAP_LIVE | SNAP_DELETING) == 0 {
@@ -428,7 +454,9 @@ impl Super {
 
     /// Slot of the live snapshot `id`.
     pub fn slot_of(&self, id: u32) -> Option<usize> {
-        self.snaps.iter().position(|s| s.flags & SNAP_LIVE != 0 && s.id == id)
+        self.snaps
+            .iter()
+            .position(|s| s.flags & SNAP_LIVE != 0 && s.id == id)
     }
 }
 

@@ -63,9 +63,18 @@ pub fn checkpoint<M: CacheMem>(
 }
 
 /// Flushes home writes and records the current offset in the older journal header.
-pub fn write_header(io: &mut impl BlockIo, j: &mut Journal, store_id: u64, scratch: &mut Block) -> Result<()> {
+pub fn write_header(
+    io: &mut impl BlockIo,
+    j: &mut Journal,
+    store_id: u64,
+    scratch: &mut Block,
+) -> Result<()> {
     io.flush()?;
-    JournalHeader { off: j.off, seq: j.seq }.encode(io, store_id, j.next_header, scratch);
+    JournalHeader {
+        off: j.off,
+        seq: j.seq,
+    }
+    .encode(io, store_id, j.next_header, scratch);
     io.write_block(j.next_header, scratch)?;
     io.flush()?;
     j.next_header = 3 - j.next_header;
@@ -75,13 +84,20 @@ pub fn write_header(io: &mut impl BlockIo, j: &mut Journal, store_id: u64, scrat
 
 /// Commits every dirty block of `cache` as one transaction.
 #[inline(never)]
-pub fn commit<M: CacheMem>(io: &mut impl BlockIo, cache: &mut Cache<M>, j: &mut Journal, store_id: u64) -> Result<()> {
+pub fn commit<M: CacheMem>(
+    io: &mut impl BlockIo,
+    cache: &mut Cache<M>,
+    j: &mut Journal,
+    store_id: u64,
+) -> Result<()> {
     let n = cache.ndirty();
     if n == 0 {
         return Ok(());
     }
     if n > MAX_TX_BLOCKS {
-        return Err(Error::Invalid("transaction larger than the journal descriptor"));
+        return Err(Error::Invalid(
+            "transaction larger than the journal descriptor",
+        ));
     }
     if j.size - (j.off - j.tail) < n as u64 + 1 {
         checkpoint(io, cache, j, store_id)?;
@@ -157,7 +173,9 @@ fn check_tx(
 ) -> Result<TxCheck> {
     let dloc = j.loc(off);
     io.read_block(dloc, d)?;
-    if check_header(io, d, BlockType::JournalDesc, dloc, store_id).is_err() || get64(d, D_SEQ) != seq {
+    if check_header(io, d, BlockType::JournalDesc, dloc, store_id).is_err()
+        || get64(d, D_SEQ) != seq
+    {
         return Ok(TxCheck::End);
     }
     let n = get32(d, D_COUNT);
@@ -227,7 +245,9 @@ pub fn replay(
                 // A torn transaction must be the last one: if a complete successor follows,
                 // a journal block was damaged, and stopping here would lose committed data.
                 let n = get32(d, D_COUNT) as u64;
-                if let TxCheck::Valid(_) = check_tx(io, &j, l, store_id, j.off + n + 1, j.seq + 1, d, b)? {
+                if let TxCheck::Valid(_) =
+                    check_tx(io, &j, l, store_id, j.off + n + 1, j.seq + 1, d, b)?
+                {
                     return Err(Error::Corrupt {
                         block: j.loc(j.off),
                         what: "journal damaged before a later committed transaction",
