@@ -583,11 +583,7 @@ impl Shared {
     }
 
     fn create(&self, store: &mut KStore, id: u32) -> Result {
-        let r = match store.create_snapshot(id) {
-            Err(StoreError::TxFull) => store.commit().and_then(|_| store.create_snapshot(id)),
-            r => r,
-        };
-        match r.and_then(|_| store.commit()) {
+        match commit_op(store, |s| s.create_snapshot(id).map(|_| ())) {
             Ok(()) => {
                 pr_info!("{}: created snapshot {}\n", self.origin.name(), id);
                 Ok(())
@@ -619,11 +615,7 @@ impl Shared {
                 return Err(EBUSY);
             }
         }
-        let r = match store.delete_snapshot(id) {
-            Err(StoreError::TxFull) => store.commit().and_then(|_| store.delete_snapshot(id)),
-            r => r,
-        };
-        match r.and_then(|_| store.commit()) {
+        match commit_op(store, |s| s.delete_snapshot(id)) {
             Ok(()) => {
                 pr_info!("{}: deleted snapshot {}\n", self.origin.name(), id);
                 Ok(())
@@ -962,6 +954,19 @@ impl Shared {
             }
         }
     }
+}
+
+/// Runs a store operation as its own committed transaction (committing first if the open
+/// transaction is full), for messages that must be durable before they answer.
+fn commit_op(
+    store: &mut KStore,
+    mut op: impl FnMut(&mut KStore) -> core::result::Result<(), StoreError>,
+) -> core::result::Result<(), StoreError> {
+    match op(store) {
+        Err(StoreError::TxFull) => store.commit().and_then(|_| op(store)),
+        r => r,
+    }?;
+    store.commit()
 }
 
 impl TargetOps for Snapshot {

@@ -523,7 +523,7 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
 
     /// Bitmap of valid live snapshots that still share `chunk` with the origin.
     pub fn origin_sharers(&mut self, chunk: u64, nonblocking: bool) -> Result<u64> {
-        let live = self.sb.live_mask() & !self.sb.mask(SNAP_INVALID);
+        let live = self.sb.valid_mask();
         if live == 0 {
             return Ok(0);
         }

@@ -441,6 +441,17 @@ impl Super {
         self.mask(SNAP_LIVE)
     }
 
+    /// Bitmap of live, valid snapshot slots (one pass: on the origin-write path).
+    pub fn valid_mask(&self) -> u64 {
+        let mut m = 0;
+        for (i, s) in self.snaps.iter().enumerate() {
+            if s.flags & (SNAP_LIVE | SNAP_INVALID) == SNAP_LIVE {
+                m |= 1u64 << i;
+            }
+        }
+        m
+    }
+
     /// Bitmap of slots with `flag` set.
     pub fn mask(&self, flag: u32) -> u64 {
         let mut m = 0;
