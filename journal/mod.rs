@@ -9,8 +9,9 @@
 //! 2. write descriptor + images, flush (the commit point),
 //! 3. write the images home (no flush: the next checkpoint flushes them).
 //!
-//! A checkpoint (when the log is about to wrap over itself) flushes the home writes and moves
-//! the journal header (block 1) to the current offset.  Replay starts at the header and applies
+//! A checkpoint (right after a commit that leaves less room than the largest transaction,
+//! so that every cached block is committed and none is dirty) flushes the home writes and
+//! moves the older journal header (block 1 or 2) to the current offset.  Replay starts at the header and applies
 //! transactions with consecutive sequence numbers until one is missing or incomplete.
 
 use crate::exception_store::cache::{Cache, CacheMem};
@@ -100,7 +101,8 @@ pub fn commit<M: CacheMem>(
         ));
     }
     if j.size - (j.off - j.tail) < n as u64 + 1 {
-        checkpoint(io, cache, j, store_id)?;
+        // Every commit leaves room for the largest transaction (below).
+        return Err(Error::Invalid("journal full"));
     }
     let (blocks, slots, staging) = cache.commit_view();
     let dloc = j.loc(j.off);
@@ -141,6 +143,13 @@ pub fn commit<M: CacheMem>(
     j.off += n as u64 + 1;
     j.seq += 1;
     j.commits += 1;
+    // Make room for the next transaction now, while no block is dirty.  Later, a block
+    // changed again since this commit would hold only its new image in memory, and a
+    // checkpoint could not write the committed one home before moving the replay start
+    // past the only durable copy of it.
+    if j.size - (j.off - j.tail) < MAX_TX_BLOCKS as u64 + 1 {
+        checkpoint(io, cache, j, store_id)?;
+    }
     Ok(())
 }
 

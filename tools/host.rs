@@ -71,6 +71,8 @@ pub struct MemDev {
     pub flushes: u64,
     /// Fail (as an I/O error) every operation once this many writes have been issued.
     pub fail_after_writes: Option<u64>,
+    /// Block number of every write issued, in order (index = write number).
+    pub log: Vec<u64>,
 }
 
 impl MemDev {
@@ -83,6 +85,7 @@ impl MemDev {
             writes: 0,
             flushes: 0,
             fail_after_writes: None,
+            log: Vec::new(),
         }
     }
 
@@ -172,6 +175,7 @@ impl BlockIo for MemDev {
         }
         self.check_fail()?;
         self.writes += 1;
+        self.log.push(nr);
         self.volatile.push(Pending {
             block: nr,
             data: Box::new(*buf),
