@@ -739,13 +739,13 @@ impl Shared {
         }
         match store.snapshot_write(chunk, slot) {
             Ok(SnapWrite::InPlace(c)) => Ok(Action::SnapWrite { dst: c, from: None }),
-            Ok(SnapWrite::Copy { from, to }) => {
-                let whole = bio.sectors() as u64 == self.chunk_sectors;
-                Ok(Action::SnapWrite {
-                    dst: to,
-                    from: if whole { None } else { Some(from) },
-                })
-            }
+            // The chunk is copied even when the bio covers all of it: the commit that maps
+            // the new chunk is durable before the bio's data is, and a power cut between
+            // the two must show the snapshot's old data there, not the chunk's last use.
+            Ok(SnapWrite::Copy { from, to }) => Ok(Action::SnapWrite {
+                dst: to,
+                from: Some(from),
+            }),
             Err(StoreError::TxFull) => Err(StoreError::TxFull),
             Err(StoreError::NoDataSpace) => {
                 pr_err!(

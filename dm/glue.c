@@ -150,7 +150,6 @@ int dmss_bio_kind(struct bio *bio)
 }
 
 u64 dmss_bio_sector(struct bio *bio) { return bio->bi_iter.bi_sector; }
-u32 dmss_bio_sectors(struct bio *bio) { return bio_sectors(bio); }
 
 void dmss_bio_remap(struct bio *bio, struct dm_dev *d, u64 sector)
 {

@@ -66,7 +66,6 @@ const char *dmss_dev_name(struct dm_dev *d);
 /* Bios. */
 int dmss_bio_kind(struct bio *bio);
 u64 dmss_bio_sector(struct bio *bio);
-u32 dmss_bio_sectors(struct bio *bio);
 void dmss_bio_remap(struct bio *bio, struct dm_dev *d, u64 sector);
 void dmss_bio_endio(struct bio *bio, int err);
 void dmss_bio_submit(struct bio *bio);

@@ -82,7 +82,6 @@ mod ffi {
         pub(super) fn dmss_dev_name(d: *mut DmDev) -> *const c_char;
         pub(super) fn dmss_bio_kind(bio: *mut Bio) -> c_int;
         pub(super) fn dmss_bio_sector(bio: *mut Bio) -> u64;
-        pub(super) fn dmss_bio_sectors(bio: *mut Bio) -> u32;
         pub(super) fn dmss_bio_remap(bio: *mut Bio, d: *mut DmDev, sector: u64);
         pub(super) fn dmss_bio_endio(bio: *mut Bio, err: c_int);
         pub(super) fn dmss_bio_submit(bio: *mut Bio);
@@ -401,12 +400,6 @@ impl BioRef {
     pub(crate) fn sector(&self) -> u64 {
         // SAFETY: as in `kind`.
         unsafe { ffi::dmss_bio_sector(self.0.as_ptr()) }
-    }
-
-    /// Length in sectors.
-    pub(crate) fn sectors(&self) -> u32 {
-        // SAFETY: as in `kind`.
-        unsafe { ffi::dmss_bio_sectors(self.0.as_ptr()) }
     }
 
     /// The target's per-bio word (set up by `Target::setup`).

@@ -57,6 +57,9 @@ enum Cmd {
         /// Writes of this invocation never overlap (every block is old or final).
         #[arg(long)]
         disjoint: bool,
+        /// Every write starts and ends on a multiple of this many blocks (a chunk).
+        #[arg(long, default_value_t = 1)]
+        align: u64,
     },
     /// Check that DEV reads exactly what the model of NAME says (or, block by block, what
     /// model ALT says: for states between two known points).
@@ -162,6 +165,7 @@ fn main() -> ExitCode {
             intent,
             prev,
             disjoint,
+            align,
         } => {
             let f = open(&dev, true);
             // Tags are unique across runs: seed and a counter.
@@ -174,8 +178,13 @@ fn main() -> ExitCode {
             let n = v.len() as u64;
             let mut plan: Vec<(u64, u64, u64)> = Vec::new();
             while (plan.len() as u64) < count {
-                let len = rng.gen_range(1..=max.min(64).min(n));
-                let start = rng.gen_range(0..=n - len);
+                let a = align.clamp(1, 64);
+                let len = rng.gen_range(1..=max.min(64).min(n)).div_ceil(a) * a;
+                if len > n {
+                    eprintln!("shsnap-oracle: --align {} does not fit {} blocks", a, n);
+                    std::process::exit(2)
+                }
+                let start = rng.gen_range(0..=(n - len) / a) * a;
                 if disjoint
                     && plan
                         .iter()

@@ -121,6 +121,58 @@ done < /tmp/points
 echo "  replayed to $points points: $marks_ok marks and $flush_ok flush points verified, $bad wrong"
 check "every replayed point is consistent and holds every acknowledged write" test $bad = 0 -a $points -gt 0
 check "every mark verified exactly" test $marks_ok -ge $((STEPS - 1))
+
+# Whole-chunk writes to a snapshot whose chunks are still shared with the origin: each one
+# maps a new COW chunk with a FUA commit before its own data is flushed.  Replayed to every
+# flush/FUA entry, the snapshot must read, chunk by chunk, its data before or after the
+# write: never the new chunk's earlier content (zeros here).
+section "whole-chunk snapshot writes, replayed at every flush"
+WLEN=4096 WCOW=8192
+dd if=/dev/zero of=/dev/vdb bs=1M count=1 oflag=direct status=none
+dmsetup create lw --table "0 $((WLEN + WCOW)) log-writes /dev/vda /dev/vdb"
+dmsetup create lo --table "0 $WLEN linear /dev/mapper/lw 0"
+dmsetup create lc --table "0 $WCOW linear /dev/mapper/lw $WLEN"
+mapper_nodes
+dmsetup message lw 0 mark start
+dd if=/dev/zero of=/dev/mapper/lc bs=4096 count=1 oflag=direct status=none
+dmsetup create ho --table "0 $WLEN shared-origin /dev/mapper/lo /dev/mapper/lc 16" && mapper_nodes
+$ORACLE init w.origin $((WLEN / 8))
+ok=1
+$ORACLE write w.origin /dev/mapper/ho --count $((WLEN / 512)) --max 64 --align 64 --disjoint --seed 7 || ok=0
+dmsetup message ho 0 create 1 && $ORACLE save w.origin w.s1 || ok=0
+dmsetup create hsw --table "0 $WLEN shared-snapshot /dev/mapper/ho 1" && mapper_nodes || ok=0
+fsync_dev /dev/mapper/ho
+dmsetup message lw 0 mark before
+$ORACLE write w.s1 /dev/mapper/hsw --count 16 --max 2 --align 2 --disjoint --seed 8 --prev w.before || ok=0
+fsync_dev /dev/mapper/hsw
+dmsetup message lw 0 mark after
+dmsetup remove hsw; dmsetup remove ho; dmsetup remove lo; dmsetup remove lc; dmsetup remove lw
+check "workload of whole-chunk snapshot writes" test $ok = 1
+$SHSNAP replay-log /dev/vdb --list > /tmp/log.list
+before=$(awk '$2 == "mark" && $5 == "before" { print $1 }' /tmp/log.list)
+awk -v b="$before" '$1 > b && $2 ~ /flush|fua/ { print $1 }' /tmp/log.list > /tmp/points
+awk '$2 == "mark" && $5 == "after" { print $1 }' /tmp/log.list >> /tmp/points
+dd if=/dev/zero of=/dev/vdc bs=1M count=$(( (WLEN + WCOW) / 2048 )) oflag=direct status=none
+pos=0 points=0 bad=0
+while read -r entry; do
+    $SHSNAP replay-log /dev/vdb --target /dev/vdc --from $pos --to $entry 2>/dev/null || { bad=$((bad + 1)); break; }
+    pos=$((entry + 1)) points=$((points + 1))
+    dd if=/dev/zero of=/dev/vdd bs=1M count=1 oflag=direct status=none
+    dmsetup create rs --table "0 $((WLEN + WCOW)) snapshot /dev/vdc /dev/vdd N 8"
+    dmsetup create rlo --table "0 $WLEN linear /dev/mapper/rs 0"
+    dmsetup create rlc --table "0 $WCOW linear /dev/mapper/rs $WLEN"
+    dmsetup create rho --table "0 $WLEN shared-origin /dev/mapper/rlo /dev/mapper/rlc 16"
+    dmsetup create rhs --table "0 $WLEN shared-snapshot /dev/mapper/rho 1"
+    mapper_nodes
+    if ! $ORACLE verify w.origin /dev/mapper/rlo >/dev/null 2>&1; then
+        bad=$((bad + 1)); echo "  entry $entry: origin differs"
+    elif ! $ORACLE verify w.before /dev/mapper/rhs --alt w.s1 > /tmp/verify.out 2>&1; then
+        bad=$((bad + 1)); echo "  entry $entry: snapshot 1 neither before nor after: $(head -2 /tmp/verify.out)"
+    fi
+    for d in rhs rho rlc rlo rs; do dmsetup remove $d; done
+done < /tmp/points
+echo "  replayed to $points points after the snapshot was created, $bad wrong"
+check "a snapshot chunk is old or new at every flush, never stale" test $bad = 0 -a $points -ge 16
 check "module unloads" rmmod dm_shared_snap
 check_dmesg
 finish
