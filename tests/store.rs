@@ -517,9 +517,16 @@ fn crash_after_every_checkpoint() {
             }
         }
     }
-    println!("crash: {} power cuts just after a checkpoint recovered", points);
+    println!(
+        "crash: {} power cuts just after a checkpoint recovered",
+        points
+    );
     // Beyond the header written when the store is opened: the journal wrapped.
-    assert!(points >= 12, "the workload must wrap the journal: {} points", points);
+    assert!(
+        points >= 12,
+        "the workload must wrap the journal: {} points",
+        points
+    );
 }
 
 #[test]
