@@ -10,7 +10,7 @@
 //!
 //! Concurrency: `map` never waits for I/O.  It answers from cached metadata under a try-lock
 //! and otherwise defers the bio to the origin's worker, which handles bios in batches: plan
-//! (metadata changes in memory), copy chunks (kcopyd), commit (one journal transaction for
+//! (metadata changes in memory), copy chunks (dm-io, one buffer), commit (one journal transaction for
 //! the batch), wait for snapshot reads still reading the origin, then release the bios.
 
 use core::fmt::Write;
@@ -96,6 +96,11 @@ struct Stats {
     copy_jobs: u64,
     copied_chunks: u64,
     commits: u64,
+    /// Worker time (ns) spent planning, waiting for copies, committing, releasing.
+    plan_ns: u64,
+    copy_ns: u64,
+    commit_ns: u64,
+    release_ns: u64,
 }
 
 /// What is shared between an origin target, its worker and its snapshot targets.
@@ -492,8 +497,17 @@ impl TargetOps for Origin {
                 let s = &st.stats;
                 let _ = write!(
                     out,
-                    "batches {} bios {} copy_jobs {} copied_chunks {} commits {}",
-                    s.batches, s.bios, s.copy_jobs, s.copied_chunks, s.commits
+                    "batches {} bios {} copy_jobs {} copied_chunks {} commits {} \
+                     plan_us {} copy_us {} commit_us {} release_us {}",
+                    s.batches,
+                    s.bios,
+                    s.copy_jobs,
+                    s.copied_chunks,
+                    s.commits,
+                    s.plan_ns / 1000,
+                    s.copy_ns / 1000,
+                    s.commit_ns / 1000,
+                    s.release_ns / 1000
                 );
                 Ok(())
             }
@@ -769,6 +783,7 @@ impl Shared {
     /// Plans, copies, commits and releases one batch.  Returns false when the queue is empty.
     fn run_batch(&self, st: &mut State) -> bool {
         st.gave_up = false;
+        let t0 = dm::now_ns();
         let mut items: [Option<Item>; BATCH] = [const { None }; BATCH];
         let mut n = 0;
         while n < BATCH {
@@ -807,9 +822,10 @@ impl Shared {
         if n == 0 {
             return false;
         }
+        let t1 = dm::now_ns();
         let mut copying = false;
         let mut origin_writes = false;
-        // Adjacent chunks going to adjacent COW chunks are copied as one kcopyd job.
+        // Adjacent chunks going to adjacent COW chunks are copied as one run.
         let mut run: Option<(DevHandle, u64, u64, u64)> = None;
         for it in items[..n].iter().flatten() {
             let chunk = self.chunk_of(it.off);
@@ -871,6 +887,7 @@ impl Shared {
                 StoreError::Io { block: u64::MAX },
             );
         }
+        let t2 = dm::now_ns();
         if st.failed.is_none() && !st.gave_up {
             if let Some(s) = st.store.as_mut() {
                 let dirty = s.is_dirty();
@@ -885,6 +902,7 @@ impl Shared {
             // Snapshot reads still reading the origin must finish before it changes.
             self.snap_reads.wait_zero();
         }
+        let t3 = dm::now_ns();
         let failed = st.failed.is_some() || st.gave_up;
         for it in items[..n].iter_mut() {
             let Some(Item {
@@ -914,6 +932,11 @@ impl Shared {
                 }
             }
         }
+        let t4 = dm::now_ns();
+        st.stats.plan_ns += t1 - t0;
+        st.stats.copy_ns += t2 - t1;
+        st.stats.commit_ns += t3 - t2;
+        st.stats.release_ns += t4 - t3;
         true
     }
 

@@ -5,7 +5,6 @@
 #include <linux/module.h>
 #include <linux/device-mapper.h>
 #include <linux/dm-io.h>
-#include <linux/dm-kcopyd.h>
 #include <linux/bio.h>
 #include <linux/blkdev.h>
 #include <linux/crc32c.h>
@@ -348,10 +347,27 @@ int dmss_io(struct dm_io_client *c, struct dm_dev *d, u64 sector, u32 count, voi
 	return r;
 }
 
-/* ---- kcopyd ---------------------------------------------------------------------------- */
+/* ---- chunk copier --------------------------------------------------------------------- */
+
+/*
+ * Copies runs of sectors through one preallocated buffer with dm-io: all reads of a group of
+ * runs that fits the buffer are issued at once and waited for, then all writes.  The worker
+ * queues a batch's copies and waits for them once; nothing is allocated on this path except
+ * dm-io's bios, which come from its mempool-backed bioset.
+ */
+#define DMSS_COPY_BUF (2u << 20)
+#define DMSS_COPY_RUNS 64
+
+struct dmss_copy_run {
+	struct block_device *src, *dst;
+	sector_t ss, ds, n;
+};
 
 struct dmss_copier {
-	struct dm_kcopyd_client *kc;
+	struct dm_io_client *io;
+	void *buf;
+	unsigned int nruns;
+	struct dmss_copy_run runs[DMSS_COPY_RUNS];
 	atomic_t pending;
 	atomic_t errors;
 	struct completion done;
@@ -363,8 +379,14 @@ struct dmss_copier *dmss_copier_create(void)
 
 	if (!c)
 		return NULL;
-	c->kc = dm_kcopyd_client_create(NULL);
-	if (IS_ERR(c->kc)) {
+	c->io = dm_io_client_create();
+	if (IS_ERR(c->io)) {
+		kfree(c);
+		return NULL;
+	}
+	c->buf = vmalloc(DMSS_COPY_BUF);
+	if (!c->buf) {
+		dm_io_client_destroy(c->io);
 		kfree(c);
 		return NULL;
 	}
@@ -376,45 +398,107 @@ struct dmss_copier *dmss_copier_create(void)
 
 void dmss_copier_destroy(struct dmss_copier *c)
 {
-	dm_kcopyd_client_destroy(c->kc);
+	vfree(c->buf);
+	dm_io_client_destroy(c->io);
 	kfree(c);
 }
 
-static void dmss_copy_done(int read_err, unsigned long write_err, void *context)
+static void dmss_copy_io_done(unsigned long error, void *context)
 {
 	struct dmss_copier *c = context;
 
-	if (read_err || write_err)
+	if (error)
 		atomic_inc(&c->errors);
 	if (atomic_dec_and_test(&c->pending))
 		complete(&c->done);
 }
 
+/* Waits for every I/O issued since the last wait. */
+static void dmss_copy_settle(struct dmss_copier *c)
+{
+	if (!atomic_dec_and_test(&c->pending))
+		wait_for_completion(&c->done);
+	atomic_set(&c->pending, 1);
+	reinit_completion(&c->done);
+}
+
+/*
+ * Issues the reads (or the writes) of the group of pieces that starts at sector `pos` of run
+ * `i` and fills at most the buffer; returns where the next group starts.  Called twice with
+ * the same start, it issues the same pieces.
+ */
+static void dmss_copy_group(struct dmss_copier *c, unsigned int *i, sector_t *pos, bool write)
+{
+	size_t used = 0;
+
+	while (*i < c->nruns && used < DMSS_COPY_BUF) {
+		struct dmss_copy_run *r = &c->runs[*i];
+		sector_t n = min_t(sector_t, r->n - *pos, (DMSS_COPY_BUF - used) >> SECTOR_SHIFT);
+		struct dm_io_region region = {
+			.bdev = write ? r->dst : r->src,
+			.sector = (write ? r->ds : r->ss) + *pos,
+			.count = n,
+		};
+		struct dm_io_request req = {
+			.bi_opf = (write ? REQ_OP_WRITE : REQ_OP_READ) | REQ_SYNC,
+			.mem.type = DM_IO_VMA,
+			.mem.ptr.vma = c->buf + used,
+			.notify.fn = dmss_copy_io_done,
+			.notify.context = c,
+			.client = c->io,
+		};
+
+		atomic_inc(&c->pending);
+		dm_io(&req, 1, &region, NULL, IOPRIO_DEFAULT);
+		used += (size_t)n << SECTOR_SHIFT;
+		*pos += n;
+		if (*pos == r->n) {
+			(*i)++;
+			*pos = 0;
+		}
+	}
+}
+
+/* Copies every queued run; the errors are counted in c->errors. */
+static void dmss_copy_run_all(struct dmss_copier *c)
+{
+	unsigned int i = 0;
+	sector_t pos = 0;
+
+	while (i < c->nruns) {
+		unsigned int wi = i;
+		sector_t wpos = pos;
+
+		dmss_copy_group(c, &i, &pos, false);
+		dmss_copy_settle(c);
+		if (atomic_read(&c->errors))
+			break;
+		dmss_copy_group(c, &wi, &wpos, true);
+		dmss_copy_settle(c);
+	}
+	c->nruns = 0;
+}
+
 void dmss_copy(struct dmss_copier *c, struct dm_dev *src, u64 src_sector, struct dm_dev *dst,
 	       u64 dst_sector, u64 count)
 {
-	struct dm_io_region from = { .bdev = src->bdev, .sector = src_sector, .count = count };
-	struct dm_io_region to = { .bdev = dst->bdev, .sector = dst_sector, .count = count };
-
-	atomic_inc(&c->pending);
-	dm_kcopyd_copy(c->kc, &from, 1, &to, 0, dmss_copy_done, c);
+	if (c->nruns == DMSS_COPY_RUNS)
+		dmss_copy_run_all(c);
+	c->runs[c->nruns++] = (struct dmss_copy_run){
+		.src = src->bdev, .dst = dst->bdev, .ss = src_sector, .ds = dst_sector, .n = count,
+	};
 }
 
 int dmss_copy_wait(struct dmss_copier *c)
 {
-	int errors;
-
-	if (!atomic_dec_and_test(&c->pending))
-		wait_for_completion(&c->done);
-	errors = atomic_xchg(&c->errors, 0);
-	atomic_set(&c->pending, 1);
-	reinit_completion(&c->done);
-	return errors ? -EIO : 0;
+	dmss_copy_run_all(c);
+	return atomic_xchg(&c->errors, 0) ? -EIO : 0;
 }
 
 /* ---- misc ------------------------------------------------------------------------------ */
 
 u32 dmss_crc32c(const void *data, size_t len) { return ~crc32c(~0, data, len); }
 u64 dmss_random_u64(void) { return get_random_u64(); }
+u64 dmss_now_ns(void) { return ktime_get_ns(); }
 void *dmss_vzalloc(size_t size) { return vzalloc(size); }
 void dmss_vfree(void *p) { vfree(p); }

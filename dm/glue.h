@@ -2,7 +2,7 @@
 /*
  * dm-shared-snap C glue: the small C surface the Rust binding layer (dm/mod.rs) calls.
  * It owns the two target_type structures, forwards their callbacks into Rust, and wraps
- * inline helpers and C structures (bio fields, dm-io, kcopyd, workqueue, wait queues)
+ * inline helpers and C structures (bio fields, dm-io, workqueue, wait queues)
  * that Rust-for-Linux 6.12 does not expose.
  */
 #ifndef DMSS_GLUE_H
@@ -103,7 +103,7 @@ struct dm_io_client *dmss_io_client_create(void);
 void dmss_io_client_destroy(struct dm_io_client *c);
 int dmss_io(struct dm_io_client *c, struct dm_dev *d, u64 sector, u32 count, void *buf, int op);
 
-/* Chunk copies through kcopyd, waited for as a batch. */
+/* Chunk copies with dm-io through one buffer, run and waited for as a batch. */
 struct dmss_copier *dmss_copier_create(void);
 void dmss_copier_destroy(struct dmss_copier *c);
 void dmss_copy(struct dmss_copier *c, struct dm_dev *src, u64 src_sector, struct dm_dev *dst,
@@ -113,6 +113,7 @@ int dmss_copy_wait(struct dmss_copier *c);
 /* Misc. */
 u32 dmss_crc32c(const void *data, size_t len);
 u64 dmss_random_u64(void);
+u64 dmss_now_ns(void);
 void *dmss_vzalloc(size_t size);
 void dmss_vfree(void *p);
 

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! The binding layer: safe Rust types over the device-mapper, bio, dm-io, kcopyd, workqueue
-//! and locking C APIs, reached through the small C glue in `dm/glue.c`.
+//! The binding layer: safe Rust types over the device-mapper, bio, dm-io (metadata I/O and
+//! chunk copies), workqueue and locking C APIs, reached through the small C glue in
+//! `dm/glue.c`.
 //!
 //! This is the only module of the crate with `unsafe` code.  Callbacks from device-mapper
 //! arrive in the `extern "C"` entry points below and are dispatched to the safe
@@ -128,6 +129,7 @@ mod ffi {
         pub(super) fn dmss_copy_wait(c: *mut CCopier) -> c_int;
         pub(super) fn dmss_crc32c(data: *const c_void, len: usize) -> u32;
         pub(super) fn dmss_random_u64() -> u64;
+        pub(super) fn dmss_now_ns() -> u64;
         pub(super) fn dmss_vzalloc(size: usize) -> *mut c_void;
         pub(super) fn dmss_vfree(p: *mut c_void);
     }
@@ -646,24 +648,26 @@ impl Drop for Inflight {
     }
 }
 
-/// Chunk copies with dm-kcopyd, issued in batches and waited for together.
+/// Chunk copies through one preallocated buffer with dm-io: queued for a batch, then run
+/// (all reads, then all writes, per buffer-full) and waited for together.
 pub(crate) struct Copier(NonNull<ffi::CCopier>);
 
-// SAFETY: used by the worker only, under the origin's state lock.
+// SAFETY: used by the worker only, under the origin's state lock, so the C side's queue is
+// never touched by two threads at once.
 unsafe impl Send for Copier {}
 // SAFETY: as above.
 unsafe impl Sync for Copier {}
 
 impl Copier {
-    /// A kcopyd client.
+    /// A copier with its dm-io client and buffer.
     pub(crate) fn new() -> Result<Self> {
-        // SAFETY: allocation and kcopyd client creation; NULL on failure.
+        // SAFETY: allocations and dm-io client creation; NULL on failure.
         NonNull::new(unsafe { ffi::dmss_copier_create() })
             .map(Copier)
             .ok_or(ENOMEM)
     }
 
-    /// Starts copying `n` sectors.
+    /// Queues a copy of `n` sectors (it runs at the next `wait`, or when the queue is full).
     pub(crate) fn copy(
         &self,
         src: DevHandle,
@@ -672,7 +676,8 @@ impl Copier {
         dst_sector: u64,
         n: u64,
     ) {
-        // SAFETY: both devices are open (DevHandle invariant); kcopyd allocates from its
+        // SAFETY: both devices are open (DevHandle invariant) and stay open until `wait`
+        // returns (the worker waits before the batch ends); dm-io allocates from its
         // mempools and never fails the call.
         unsafe {
             ffi::dmss_copy(
@@ -686,7 +691,7 @@ impl Copier {
         }
     }
 
-    /// Waits for every copy started since the last wait; Err if any failed.
+    /// Runs and waits for every copy queued since the last wait; Err if any failed.
     pub(crate) fn wait(&self) -> Result {
         // SAFETY: live copier.
         match unsafe { ffi::dmss_copy_wait(self.0.as_ptr()) } {
@@ -811,6 +816,12 @@ impl fmt_::BlockIo for MetaIo {
 pub(crate) fn random_u64() -> u64 {
     // SAFETY: get_random_u64 has no preconditions.
     unsafe { ffi::dmss_random_u64() }
+}
+
+/// Monotonic time in nanoseconds.
+pub(crate) fn now_ns() -> u64 {
+    // SAFETY: ktime_get_ns has no preconditions.
+    unsafe { ffi::dmss_now_ns() }
 }
 
 /// Cache memory for the store: page-aligned blocks from vmalloc, bookkeeping from kmalloc.
