@@ -27,8 +27,8 @@ mod exception_store;
 mod journal;
 
 use dm::{
-    Bio, BioKind, BioRef, CacheMemory, Copier, DevHandle, Device, EventHandle, Inflight, MapResult,
-    MetaIo, Output, Registry, StatusType, Target, TargetOps, TryMutex, Worker,
+    Bio, BioKind, BioRef, CacheMemory, Copier, DevHandle, Device, EventHandle, Inflight, MapBio,
+    MapResult, MetaIo, Output, Registry, StatusType, Target, TargetOps, TryMutex, Worker,
 };
 use exception_store::format::{Block, BlockIo, Error as StoreError, BLOCK_SIZE, MAX_SNAPSHOTS};
 use exception_store::superblock::{Super, SNAP_INVALID, SNAP_LIVE};
@@ -288,6 +288,9 @@ impl TargetOps for Origin {
         if origin.devt() == cow.devt() {
             return Err(fail(t, c_str!("origin and COW device must differ"), EINVAL));
         }
+        if origin.is_zoned() || cow.is_zoned() {
+            return Err(fail(t, c_str!("zoned devices are not supported"), EINVAL));
+        }
         if t.len() > origin.sectors() {
             return Err(fail(
                 t,
@@ -305,7 +308,9 @@ impl TargetOps for Origin {
         }
         let store = Self::open_store(t, &cow, chunk)?;
         let cache_bytes = store.mem().bytes();
-        t.setup(chunk, 1)
+        // No split at chunk boundaries: `map` passes runs of unshared chunks whole and cuts
+        // off the first chunk of a run that needs a copy.
+        t.setup(0, 1)
             .map_err(|e| fail(t, c_str!("cannot set the maximum I/O size"), e))?;
         let data_sector = store.sb().layout.chunk_sector(0);
         let nsnaps = store.sb().live_mask().count_ones();
@@ -373,7 +378,7 @@ impl TargetOps for Origin {
         }
     }
 
-    fn map(&self, t: &Target, mut bio: Bio) -> MapResult {
+    fn map(&self, t: &Target, mut bio: MapBio<'_>) -> MapResult {
         let sh = &*self.shared;
         bio.set_tag(0);
         let off = bio.sector() - t.begin();
@@ -383,23 +388,42 @@ impl TargetOps for Origin {
                 MapResult::Remapped
             }
             BioKind::Write => {
+                let end = off + bio.sectors() as u64;
                 let chunk = off >> sh.chunk_shift;
                 if let Some(mut guard) = sh.state.try_lock() {
                     let st = &mut *guard;
-                    let unshared = match (&st.failed, st.store.as_mut()) {
-                        (None, Some(s)) => s.origin_sharers(chunk, true) == Ok(0),
-                        _ => true,
+                    // The leading run of chunks no live snapshot shares goes straight through.
+                    let unshared_end = match (&st.failed, st.store.as_mut()) {
+                        (None, Some(s)) => {
+                            let mut c = chunk;
+                            while c << sh.chunk_shift < end && s.origin_sharers(c, true) == Ok(0)
+                            {
+                                c += 1;
+                            }
+                            end.min(c << sh.chunk_shift)
+                        }
+                        _ => end,
                     };
-                    if unshared {
+                    if unshared_end > off {
+                        if unshared_end < end
+                            && bio.accept_partial((unshared_end - off) as u32).is_err()
+                        {
+                            return MapResult::Kill;
+                        }
                         bio.set_tag(TAG_WRITE_COUNTED);
                         sh.writes_inflight.inc();
                         bio.remap(sh.origin_h, off);
                         return MapResult::Remapped;
                     }
                 }
+                // The worker takes one chunk per bio: dm maps the rest as a new bio.
+                let chunk_end = end.min((chunk + 1) << sh.chunk_shift);
+                if chunk_end < end && bio.accept_partial((chunk_end - off) as u32).is_err() {
+                    return MapResult::Kill;
+                }
                 // Deferred bios carry their offset in the target as sector.
                 bio.remap(sh.origin_h, off);
-                sh.worker.defer(bio);
+                sh.worker.defer(bio.into_inner());
                 MapResult::Submitted
             }
             BioKind::Discard | BioKind::Other => MapResult::Kill,
@@ -1046,7 +1070,7 @@ impl TargetOps for Snapshot {
         st.snap_refs[self.slot] = st.snap_refs[self.slot].saturating_sub(1);
     }
 
-    fn map(&self, t: &Target, mut bio: Bio) -> MapResult {
+    fn map(&self, t: &Target, mut bio: MapBio<'_>) -> MapResult {
         let sh = &*self.shared;
         let tag = TAG_SNAP | ((self.slot as u64) << TAG_SLOT_SHIFT);
         bio.set_tag(tag);
@@ -1106,7 +1130,7 @@ impl TargetOps for Snapshot {
         }
         // Deferred bios carry their offset in the target as sector.
         bio.remap(sh.origin_h, off);
-        sh.worker.defer(bio);
+        sh.worker.defer(bio.into_inner());
         MapResult::Submitted
     }
 

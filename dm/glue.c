@@ -127,6 +127,7 @@ struct dm_dev *dmss_get_device(struct dm_target *ti, const char *path, int *err)
 
 void dmss_put_device(struct dm_target *ti, struct dm_dev *d) { dm_put_device(ti, d); }
 u64 dmss_dev_sectors(struct dm_dev *d) { return bdev_nr_sectors(d->bdev); }
+int dmss_dev_zoned(struct dm_dev *d) { return bdev_is_zoned(d->bdev); }
 u32 dmss_dev_devt(struct dm_dev *d) { return d->bdev->bd_dev; }
 const char *dmss_dev_name(struct dm_dev *d) { return d->name; }
 
@@ -149,6 +150,20 @@ int dmss_bio_kind(struct bio *bio)
 }
 
 u64 dmss_bio_sector(struct bio *bio) { return bio->bi_iter.bi_sector; }
+u32 dmss_bio_sectors(struct bio *bio) { return bio_sectors(bio); }
+
+/*
+ * Called from map only, for a data bio (never a duplicated flush) and 0 < n < its length.
+ * dm refuses to shorten writes to zoned devices (BUG_ON), so this fails there instead; the
+ * constructors refuse zoned devices anyway.
+ */
+int dmss_bio_accept_partial(struct bio *bio, u32 n)
+{
+	if (bdev_is_zoned(bio->bi_bdev) || !n || n >= bio_sectors(bio))
+		return -EINVAL;
+	dm_accept_partial_bio(bio, n);
+	return 0;
+}
 
 void dmss_bio_remap(struct bio *bio, struct dm_dev *d, u64 sector)
 {

@@ -60,12 +60,15 @@ int dmss_ti_writable(struct dm_target *ti);
 struct dm_dev *dmss_get_device(struct dm_target *ti, const char *path, int *err);
 void dmss_put_device(struct dm_target *ti, struct dm_dev *d);
 u64 dmss_dev_sectors(struct dm_dev *d);
+int dmss_dev_zoned(struct dm_dev *d);
 u32 dmss_dev_devt(struct dm_dev *d);
 const char *dmss_dev_name(struct dm_dev *d);
 
 /* Bios. */
 int dmss_bio_kind(struct bio *bio);
 u64 dmss_bio_sector(struct bio *bio);
+u32 dmss_bio_sectors(struct bio *bio);
+int dmss_bio_accept_partial(struct bio *bio, u32 n);
 void dmss_bio_remap(struct bio *bio, struct dm_dev *d, u64 sector);
 void dmss_bio_endio(struct bio *bio, int err);
 void dmss_bio_submit(struct bio *bio);

@@ -11,6 +11,7 @@
 
 use core::cell::UnsafeCell;
 use core::fmt;
+use core::marker::PhantomData;
 use core::ops::{Deref, DerefMut};
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicPtr, Ordering};
@@ -79,10 +80,13 @@ mod ffi {
         ) -> *mut DmDev;
         pub(super) fn dmss_put_device(ti: *mut DmTarget, d: *mut DmDev);
         pub(super) fn dmss_dev_sectors(d: *mut DmDev) -> u64;
+        pub(super) fn dmss_dev_zoned(d: *mut DmDev) -> c_int;
         pub(super) fn dmss_dev_devt(d: *mut DmDev) -> u32;
         pub(super) fn dmss_dev_name(d: *mut DmDev) -> *const c_char;
         pub(super) fn dmss_bio_kind(bio: *mut Bio) -> c_int;
         pub(super) fn dmss_bio_sector(bio: *mut Bio) -> u64;
+        pub(super) fn dmss_bio_sectors(bio: *mut Bio) -> u32;
+        pub(super) fn dmss_bio_accept_partial(bio: *mut Bio, n: u32) -> c_int;
         pub(super) fn dmss_bio_remap(bio: *mut Bio, d: *mut DmDev, sector: u64);
         pub(super) fn dmss_bio_endio(bio: *mut Bio, err: c_int);
         pub(super) fn dmss_bio_submit(bio: *mut Bio);
@@ -204,7 +208,7 @@ pub(crate) trait TargetOps: Sized + Send + Sync {
     /// Destructor (devices are released by dropping `self`).
     fn dtr(self: KBox<Self>, t: &Target);
     /// Maps a bio; must not wait for I/O.
-    fn map(&self, t: &Target, bio: Bio) -> MapResult;
+    fn map(&self, t: &Target, bio: MapBio<'_>) -> MapResult;
     /// Called when a bio remapped by this target completes.
     fn end_io(&self, bio: &BioRef);
     /// Writes status text.
@@ -312,6 +316,12 @@ impl Device {
         unsafe { ffi::dmss_dev_sectors(self.dev.as_ptr()) }
     }
 
+    /// A zoned block device (writes must stay sequential per zone).
+    pub(crate) fn is_zoned(&self) -> bool {
+        // SAFETY: as in `sectors`.
+        unsafe { ffi::dmss_dev_zoned(self.dev.as_ptr()) != 0 }
+    }
+
     /// dev_t.
     pub(crate) fn devt(&self) -> u32 {
         // SAFETY: as in `sectors`.
@@ -404,10 +414,55 @@ impl BioRef {
         unsafe { ffi::dmss_bio_sector(self.0.as_ptr()) }
     }
 
+    /// Length in sectors.
+    pub(crate) fn sectors(&self) -> u32 {
+        // SAFETY: as in `kind`.
+        unsafe { ffi::dmss_bio_sectors(self.0.as_ptr()) }
+    }
+
     /// The target's per-bio word (set up by `Target::setup`).
     pub(crate) fn tag(&self) -> u64 {
         // SAFETY: per_io_data_size is 8 for both targets, so the per-bio data is a u64.
         unsafe { *ffi::dmss_bio_pbd(self.0.as_ptr()) }
+    }
+}
+
+/// A bio inside `map`: a [`Bio`] that may also be shortened, which dm allows only there.
+/// The lifetime ties it to one `map` call.
+pub(crate) struct MapBio<'a>(Bio, PhantomData<&'a mut ()>);
+
+impl MapBio<'_> {
+    /// Keeps the first `sectors` sectors for this call; dm core maps the rest as a new bio.
+    /// Err when dm cannot shorten this bio (zoned device) or `sectors` is not inside it.
+    pub(crate) fn accept_partial(&mut self, sectors: u32) -> Result {
+        if self.0.kind() != BioKind::Read && self.0.kind() != BioKind::Write {
+            return Err(EINVAL);
+        }
+        // SAFETY: we are inside the map callback of this clone (a `MapBio` exists only
+        // there), and it carries data, so it is not one of dm's duplicated flush bios; the
+        // glue checks the length and the zoned case that dm would BUG on.
+        match unsafe { ffi::dmss_bio_accept_partial((self.0).0.as_ptr(), sectors) } {
+            0 => Ok(()),
+            e => Err(Error::from_errno(e)),
+        }
+    }
+
+    /// The bio, to keep beyond `map` (deferred to the worker).
+    pub(crate) fn into_inner(self) -> Bio {
+        self.0
+    }
+}
+
+impl Deref for MapBio<'_> {
+    type Target = Bio;
+    fn deref(&self) -> &Bio {
+        &self.0
+    }
+}
+
+impl DerefMut for MapBio<'_> {
+    fn deref_mut(&mut self) -> &mut Bio {
+        &mut self.0
     }
 }
 
@@ -1072,7 +1127,7 @@ extern "C" fn dmss_rust_dtr(ti: *mut ffi::DmTarget, kind: c_int) {
 
 #[no_mangle]
 extern "C" fn dmss_rust_map(ti: *mut ffi::DmTarget, kind: c_int, b: *mut ffi::Bio) -> c_int {
-    let r = dispatch!(kind, T => ctx::<T>(ti).map(&target(ti), bio(b)));
+    let r = dispatch!(kind, T => ctx::<T>(ti).map(&target(ti), MapBio(bio(b), PhantomData)));
     match r {
         MapResult::Submitted => 0,
         MapResult::Remapped => 1,
