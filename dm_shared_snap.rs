@@ -396,8 +396,7 @@ impl TargetOps for Origin {
                     let unshared_end = match (&st.failed, st.store.as_mut()) {
                         (None, Some(s)) => {
                             let mut c = chunk;
-                            while c << sh.chunk_shift < end && s.origin_sharers(c, true) == Ok(0)
-                            {
+                            while c << sh.chunk_shift < end && s.origin_sharers(c, true) == Ok(0) {
                                 c += 1;
                             }
                             end.min(c << sh.chunk_shift)
