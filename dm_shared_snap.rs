@@ -938,6 +938,10 @@ impl Shared {
             };
             match action {
                 Action::OriginWrite(_) => {
+                    // Counted like the writes `map` passes through: a snapshot created
+                    // from now on waits for it.
+                    bio.set_tag(TAG_WRITE_COUNTED);
+                    self.writes_inflight.inc();
                     bio.remap(self.origin_h, off);
                     bio.submit();
                 }

@@ -203,7 +203,8 @@ struct dmss_worker *dmss_worker_create(void *ctx)
 
 	if (!w)
 		return NULL;
-	w->wq = alloc_workqueue("dm-shared-snap", WQ_MEM_RECLAIM, 1);
+	/* Unbound: the worker runs on an idle CPU while the submitter goes on mapping. */
+	w->wq = alloc_ordered_workqueue("dm-shared-snap", WQ_MEM_RECLAIM);
 	if (!w->wq) {
 		kfree(w);
 		return NULL;

@@ -1,8 +1,9 @@
 #!/bin/bash
 # Benchmark body, run inside the VM by scripts/bench.  Prints CSV lines
 #   csv,<backing>,<target>,<nsnap>,<workload>,<rep>,<MB/s>
-# Targets: raw, shared (dm-shared-snap), snapshot (dm-snapshot, one COW per snapshot),
-# thin (dm-thin pool, thin volume, thin snapshots).  Same chunk/block size for all.
+# Targets: raw, linear (dm-linear over the origin: what any dm target costs here), shared
+# (dm-shared-snap), snapshot (dm-snapshot, one COW per snapshot), thin (dm-thin pool, thin
+# volume, thin snapshots).  Same chunk/block size for all.
 . "$(dirname "$0")/../vm/lib.sh"
 set +u
 REGION_MB=${REGION_MB:-16}
@@ -10,7 +11,7 @@ CHUNK=${CHUNK:-128}                  # sectors (64 KiB: dm-thin's minimum block)
 NS=${NS:-"0 1 2 4 8 16 32 64"}
 SNAP_MAX=${SNAP_MAX:-16}             # dm-snapshot: one COW each, gets slow fast
 REPS=${REPS:-3}
-TARGETS=${TARGETS:-"raw shared snapshot thin"}
+TARGETS=${TARGETS:-"raw linear shared snapshot thin"}
 WORKLOADS=${WORKLOADS:-"seq rand qd32"}
 BACKINGS=${BACKINGS:-"ram"}
 R=$((REGION_MB * 2048))              # sectors
@@ -36,6 +37,9 @@ setup() {
     case $t in
         raw)
             DEV=$A ;;
+        linear)
+            dmsetup create bo --table "0 $R linear $A 0" || return 1
+            DEV=/dev/mapper/bo ;;
         shared)
             dmsetup create bo --table "0 $R shared-origin $A $B $CHUNK" || return 1
             DEV=/dev/mapper/bo ;;
@@ -102,17 +106,22 @@ run_point() { # target n rep
 for BACKING in $BACKINGS; do
     if [ $BACKING = ram ]; then A=/dev/ram0; B=/dev/ram1; else A=/dev/vda; B=/dev/vdb; fi
     BSZ=$(blockdev --getsz $B)
+    # Touch every block of the COW/pool device once, so that no target pays for the RAM
+    # disk allocating pages (or the sparse file growing) during a measurement.
+    dd if=/dev/zero of=$B bs=1M count=$((BSZ / 2048)) oflag=direct status=none
+    echo "started $(date +%T)"
     echo "backing $BACKING: origin $A, COW/pool $B ($((BSZ / 2048)) MiB), region $REGION_MB MiB, chunk $CHUNK sectors"
     for rep in $(seq 1 $REPS); do
         for t in $TARGETS; do
             for n in $NS; do
-                [ $t = raw ] && [ $n != 0 ] && continue
+                [ $t = raw -o $t = linear ] && [ $n != 0 ] && continue
                 [ $t = snapshot ] && [ $n -gt $SNAP_MAX ] && continue
                 [ $t = snapshot ] && [ $n = 0 ] && continue
                 run_point $t $n $rep
             done
         done
     done
+    echo "backing $BACKING done $(date +%T)"
 done
 teardown
 rmmod dm_shared_snap

@@ -15,9 +15,10 @@ spread = {k: (min(v), max(v)) for k, v in pts.items()}
 backings = sorted({k[0] for k in pts})
 workloads = [w for w in ["seq_first", "seq_over", "rand_first", "rand_over", "read_after_rand", "qd32_seq_first", "qd32_rand_first"] if any(k[3] == w for k in pts)]
 ns = sorted({k[2] for k in pts})
-targets = [t for t in ["shared", "thin", "snapshot"] if any(k[1] == t for k in pts)]
+targets = [t for t in ["shared", "thin", "snapshot", "linear"] if any(k[1] == t for k in pts)]
 lines = ["# Benchmark: origin throughput against the number of snapshots", "",
-         "Median MB/s over repeats (min-max), and ratio to the raw device in the same run.", ""]
+         "Median MB/s over repeats (min-max), and ratio to the raw device in the same run.",
+         "`linear` is dm-linear over the origin (N=0 only): the cost of any dm target on this kernel.", ""]
 for b in backings:
     for w in workloads:
         raw = med.get((b, "raw", 0, w))
@@ -58,12 +59,15 @@ for b in backings:
             if th and sh and n in (1, 8, 64):
                 lines.append(f"- {b} {w}: shared / dm-thin at N={n} = {sh / th:.2f} (target >= 1)")
     for w in ["seq_over", "rand_over"]:
-        s1, raw = r("shared", 1, w, b), r("raw", 0, w, b)
+        s1, raw, lin = r("shared", 1, w, b), r("raw", 0, w, b), r("linear", 0, w, b)
         if s1 and raw:
             lines.append(f"- {b} {w}: shared N=1 / raw = {s1 / raw:.2f} (target >= 0.90)")
-    ra, th = r("shared", 8, "read_after_rand", b), r("thin", 8, "read_after_rand", b)
-    if ra and th:
-        lines.append(f"- {b} read_after_rand at N=8: shared / dm-thin = {ra / th:.2f} (target >= 1)")
+        if s1 and lin:
+            lines.append(f"- {b} {w}: shared N=1 / dm-linear = {s1 / lin:.2f} (dm-linear / raw = {lin / raw:.2f})")
+    for n in ns:
+        ra, th = r("shared", n, "read_after_rand", b), r("thin", n, "read_after_rand", b)
+        if ra and th and n in (1, 8, 64):
+            lines.append(f"- {b} read_after_rand at N={n}: shared / dm-thin = {ra / th:.2f} (target >= 1)")
 open(os.path.join(out, "summary.md"), "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 # Plot: one panel per workload (ram backing first), throughput vs N, one line per target.
@@ -74,7 +78,7 @@ with open(dat, "w") as f:
             for t in targets + ["raw"]:
                 f.write(f"# {b} {w} {t}\n")
                 for n in ns:
-                    k = (b, t, 0 if t == "raw" else n, w)
+                    k = (b, t, 0 if t in ("raw", "linear") else n, w)
                     if k in med:
                         f.write(f"{max(n, 0.5)} {med[k]}\n")
                 f.write("\n\n")
@@ -84,7 +88,7 @@ for b in backings:
     for w in workloads:
         cmds = []
         for t in targets + ["raw"]:
-            cmds.append(f"'{dat}' index {idx} with linespoints title '{'dm-' + t if t in ('thin', 'snapshot') else t}'")
+            cmds.append(f"'{dat}' index {idx} with linespoints title '{'dm-' + t if t in ('thin', 'snapshot', 'linear') else t}'")
             idx += 1
         plots.append(f"set title '{b}: {w}' noenhanced; plot " + ", ".join(cmds))
 gp = ["set terminal png size 1600,{} font ',10'".format(400 * ((len(plots) + 2) // 3)),
