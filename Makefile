@@ -13,7 +13,11 @@ BINDGEN ?= $(HOME)/.cargo/bin/bindgen
 
 all: module
 
+# .kdir remembers which kernel tree the objects were built for: switching between the debug
+# (test) and bench kernels rebuilds from clean, since struct layouts differ between them.
 module:
+	@if [ "$$(cat .kdir 2>/dev/null)" != "$(KDIR)" ]; then \
+		$(MAKE) -s -C $(KDIR) M=$(CURDIR) clean; echo "$(KDIR)" > .kdir; fi
 	$(MAKE) -C $(KDIR) M=$(CURDIR) RUSTC=$(RUSTC) BINDGEN=$(BINDGEN) HOSTRUSTC=$(RUSTC) modules
 
 tools:
@@ -30,6 +34,7 @@ bench:
 
 clean:
 	-$(MAKE) -C $(KDIR) M=$(CURDIR) clean
+	rm -f .kdir
 	cargo clean
 
 .PHONY: all module tools test demo bench clean

@@ -518,10 +518,11 @@ impl TargetOps for Origin {
             ("stats", 1) => {
                 let st = sh.state.lock();
                 let s = &st.stats;
+                let meta_reads = st.store.as_ref().map_or(0, |s| s.cache_reads());
                 let _ = write!(
                     out,
                     "batches {} bios {} copy_jobs {} copied_chunks {} commits {} \
-                     plan_us {} copy_us {} commit_us {} release_us {}",
+                     plan_us {} copy_us {} commit_us {} release_us {} meta_reads {}",
                     s.batches,
                     s.bios,
                     s.copy_jobs,
@@ -530,7 +531,8 @@ impl TargetOps for Origin {
                     s.plan_ns / 1000,
                     s.copy_ns / 1000,
                     s.commit_ns / 1000,
-                    s.release_ns / 1000
+                    s.release_ns / 1000,
+                    meta_reads
                 );
                 Ok(())
             }

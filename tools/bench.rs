@@ -1,17 +1,33 @@
 //! Core benchmark: metadata time per origin write against the number of snapshots and the
 //! number of exceptions already in the store (in memory, no data I/O).  An origin write must
 //! cost the same with 1 or 64 snapshots and grow only with log(exceptions).
+//!
+//! `shsnap-bench [EXCEPTIONS]` runs the benchmark; `shsnap-bench populate <cow-dev>
+//! <exceptions> <snapshots>` writes a store of that size to a zeroed (fresh sparse) device,
+//! for the kernel activation test: 4 KiB chunks, snapshots 0..S, origin chunks 0..E copied
+//! for all of them.  It builds the metadata in memory and writes only the metadata blocks.
 
+use shsnap_core::exception_store::format::BlockIo;
 use shsnap_core::exception_store::format::BLOCK_SIZE;
 use shsnap_core::exception_store::superblock::Super;
 use shsnap_core::exception_store::{format, FormatParams, OriginWrite, Store};
-use shsnap_core::host::{MemDev, VecMem};
+use shsnap_core::host::{FileDev, MemDev, VecMem};
 use std::time::Instant;
 
 fn store(exceptions: u64, snaps: u32) -> Store<MemDev, VecMem, Box<Super>> {
     let chunks = exceptions + 200_000;
     let blocks = chunks + chunks / 16 + 10_000;
-    let mut dev = MemDev::new(blocks);
+    filled(MemDev::new(blocks), exceptions, snaps, 2)
+}
+
+/// Formats `dev` (4 KiB chunks), creates snapshots 0..snaps and copies origin chunks
+/// 0, stride, 2*stride, ... (`exceptions` of them) for all of them.
+fn filled(
+    mut dev: MemDev,
+    exceptions: u64,
+    snaps: u32,
+    stride: u64,
+) -> Store<MemDev, VecMem, Box<Super>> {
     let mut scratch = [0u8; BLOCK_SIZE];
     format(
         &mut dev,
@@ -35,7 +51,7 @@ fn store(exceptions: u64, snaps: u32) -> Store<MemDev, VecMem, Box<Super>> {
             s.commit().unwrap();
         }
         assert!(matches!(
-            s.origin_write(i * 2).unwrap(),
+            s.origin_write(i * stride).unwrap(),
             OriginWrite::Copy(_)
         ));
     }
@@ -59,7 +75,45 @@ fn activation(exceptions: u64) {
     );
 }
 
+/// `populate <cow-dev> <exceptions> <snapshots>`: see the module comment.
+fn populate(args: &[String]) -> Result<(), String> {
+    let [path, exceptions, snaps] = args else {
+        return Err("usage: shsnap-bench populate <cow-dev> <exceptions> <snapshots>".into());
+    };
+    let exceptions: u64 = exceptions.parse().map_err(|_| "bad exception count")?;
+    let snaps: u32 = snaps.parse().map_err(|_| "bad snapshot count")?;
+    let mut file = FileDev::open(path, false).map_err(|e| format!("{}: {}", path, e))?;
+    let t = Instant::now();
+    let s = filled(MemDev::new(file.size_blocks()), exceptions, snaps, 1);
+    let (dev, _, _) = s.close().map_err(|e| format!("close: {:?}", e))?;
+    assert_eq!(dev.unflushed(), 0);
+    let mut n = 0u64;
+    for (nr, b) in dev.durable_blocks() {
+        file.write_block(nr, b)
+            .map_err(|e| format!("{}: {:?}", path, e))?;
+        n += 1;
+    }
+    file.flush().map_err(|e| format!("{}: {:?}", path, e))?;
+    println!(
+        "populate: {} exceptions shared by {} snapshots, {} metadata blocks written to {} in {:.1} s",
+        exceptions,
+        snaps,
+        n,
+        path,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("populate") {
+        if let Err(e) = populate(&args[2..]) {
+            eprintln!("shsnap-bench populate: {}", e);
+            std::process::exit(1);
+        }
+        return;
+    }
     let big: u64 = std::env::args()
         .nth(1)
         .and_then(|a| a.parse().ok())

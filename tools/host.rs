@@ -125,6 +125,11 @@ impl MemDev {
         d
     }
 
+    /// Blocks written durably so far (never-written blocks read as zeros), in no order.
+    pub fn durable_blocks(&self) -> impl Iterator<Item = (u64, &Block)> {
+        self.durable.iter().map(|(nr, b)| (*nr, &**b))
+    }
+
     /// Writes not yet flushed.
     pub fn unflushed(&self) -> usize {
         self.volatile.len()
