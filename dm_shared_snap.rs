@@ -245,6 +245,7 @@ impl Origin {
 
 impl TargetOps for Origin {
     fn ctr(t: &Target, args: &[&CStr]) -> Result<KBox<Self>> {
+        let started = dm::now_ns();
         if args.len() < 3 {
             return Err(fail(
                 t,
@@ -351,7 +352,8 @@ impl TargetOps for Origin {
             ));
         }
         pr_info!(
-            "origin {} on COW {}: {} snapshots, {}/{} chunks, {}/{} metadata blocks, cache {} KiB\n",
+            "origin {} on COW {}: {} snapshots, {}/{} chunks, {}/{} metadata blocks, cache {} KiB, \
+             activated in {} us\n",
             shared.origin.name(),
             shared.cow.name(),
             nsnaps,
@@ -359,7 +361,8 @@ impl TargetOps for Origin {
             usage.data_total,
             usage.meta_used,
             usage.meta_total,
-            cache_bytes / 1024
+            cache_bytes / 1024,
+            (dm::now_ns() - started) / 1000
         );
         Ok(KBox::new(Origin { shared }, GFP_KERNEL)?)
     }

@@ -33,6 +33,7 @@ cat /tmp/check.out
 
 section "activation"
 sync; echo 3 > /proc/sys/vm/drop_caches
+dmsetup version >/dev/null   # load dmsetup and its libraries (over 9p) before timing
 before=$(meminfo)
 t0=$(now_ms)
 check "activate the origin" dmsetup create big --table "0 $SZ shared-origin /dev/vda /dev/vdb 8"
@@ -42,8 +43,9 @@ mapper_nodes
 echo "  activation: $ms ms (dmsetup create, TCG guest)"
 echo "  meminfo before: $before"
 echo "  meminfo after:  $after"
-dmesg | grep -E 'dm-shared-snap|shared-origin' | tail -2 | sed 's/^/  dmesg: /'
-check "activation under one second ($ms ms)" test "$ms" -lt 1000
+dmesg | grep 'on COW' | tail -1 | sed 's/^/  dmesg: /'
+kus=$(dmesg | grep -o 'activated in [0-9]* us' | tail -1 | grep -o '[0-9]*')
+check "activation under one second (dmsetup create $ms ms, target constructor ${kus:-?} us)" test "$ms" -lt 1000 -a "${kus:-999999}" -lt 200000
 reads=$(stat_of meta_reads)
 echo "  metadata blocks read through the cache at activation: $reads"
 check "no scan at activation ($reads cached metadata reads)" test "$reads" -lt 16
