@@ -4,10 +4,10 @@
 # as in a power cut), the devices are torn down while still dropping, then the disk comes
 # back, the store is reloaded (journal replay), checked, and every device is verified
 # against the oracle: acknowledged data is there, nothing half-done is visible.
-#   ROUNDS=n (default 20)
+#   ROUNDS=n (default 20; EXTENDED=1: 100)
 . "$(dirname "$0")/lib.sh"
 ORACLE="$REPO/target/release/shsnap-oracle --state /tmp/oracle"
-ROUNDS=${ROUNDS:-20}
+if [ "${EXTENDED:-0}" = 1 ]; then ROUNDS=${ROUNDS:-100}; else ROUNDS=${ROUNDS:-20}; fi
 LEN=65536          # 32 MiB origin
 COWLEN=131072      # 64 MiB COW
 setup_guest
