@@ -114,8 +114,8 @@ fn main() {
         }
         return;
     }
-    let big: u64 = std::env::args()
-        .nth(1)
+    let big: u64 = args
+        .get(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(1_000_000);
     activation(big);
