@@ -6,7 +6,13 @@
 # volume, thin snapshots).  Same chunk/block size for all.
 . "$(dirname "$0")/../vm/lib.sh"
 set +u
-REGION_MB=${REGION_MB:-16}
+# Region written per point.  Big enough that fio's millisecond clock does not quantise the
+# result (16 MiB at 1 GB/s is 16 ms: 1000, 941, 889 ... MB/s were the only values seen).
+REGION_MB_RAM=${REGION_MB_RAM:-${REGION_MB:-128}}
+REGION_MB_VIRTIO=${REGION_MB_VIRTIO:-${REGION_MB:-64}}
+# Random 4 KiB writes: this many MiB at random offsets over the region (each block at most
+# once), so that a slow random point does not take minutes.
+RAND_MB=${RAND_MB:-16}
 CHUNK=${CHUNK:-128}                  # sectors (64 KiB: dm-thin's minimum block)
 NS=${NS:-"0 1 2 4 8 16 32 64"}
 SNAP_MAX=${SNAP_MAX:-16}             # dm-snapshot: one COW each, gets slow fast
@@ -14,14 +20,14 @@ REPS=${REPS:-3}
 TARGETS=${TARGETS:-"raw linear shared snapshot thin"}
 WORKLOADS=${WORKLOADS:-"seq rand qd32"}
 BACKINGS=${BACKINGS:-"ram"}
-R=$((REGION_MB * 2048))              # sectors
 setup_guest
 
 fio_bw() { # fio args... -> MB/s
-    fio --direct=1 --output-format=json --size=${REGION_MB}M "$@" 2>/dev/null | python3 -c '
+    # One aggregate over all jobs: bytes of every job over the longest runtime.
+    fio --direct=1 --output-format=json --group_reporting --size=${REGION_MB}M "$@" 2>/dev/null | python3 -c '
 import json, sys
-j = json.load(sys.stdin)
-print("%.1f" % (sum(x["write"]["bw"] + x["read"]["bw"] for x in j["jobs"]) / 1024.0))'
+j = json.load(sys.stdin)["jobs"][0]
+print("%.1f" % ((j["write"]["bw"] + j["read"]["bw"]) / 1024.0))'
 }
 
 teardown() {
@@ -44,7 +50,9 @@ setup() {
             dmsetup create bo --table "0 $R shared-origin $A $B $CHUNK" || return 1
             DEV=/dev/mapper/bo ;;
         snapshot)
-            local cs=$(( (R + R / 4 + 8192) ))
+            # Each COW holds one copy of the region plus its exception area (1/256 of
+            # the data at 4 KiB chunks, less at 64 KiB) and the header.
+            local cs=$(( R + R / 8 + 4096 ))
             for i in $(seq 1 $n); do
                 dmsetup create bc$i --table "0 $cs linear $B $(( (i - 1) * cs ))" || return 1
                 dd if=/dev/zero of=/dev/mapper/bc$i bs=4k count=1 oflag=direct status=none
@@ -63,8 +71,7 @@ setup() {
     esac
     mapper_nodes
     # Prefill the region (so that writes after the snapshots break sharing).
-    dd if=/dev/urandom of=/tmp/fill bs=1M count=$REGION_MB status=none 2>/dev/null || true
-    dd if=/tmp/fill of=$DEV bs=1M oflag=direct status=none || return 1
+    dd if=/tmp/fill of=$DEV bs=1M count=$REGION_MB oflag=direct status=none || return 1
     for i in $(seq 1 $n); do
         case $t in
             shared) dmsetup message bo 0 create $i ;;
@@ -83,6 +90,9 @@ setup() {
 
 emit() { echo "csv,$BACKING,$1,$2,$3,$4,$5"; }
 
+# The worker's counters after a shared-snapshot point: where its time went.
+stats() { [ $1 = shared ] && echo "stats $BACKING $1 N=$2 $3: $(dmsetup message bo 0 stats)"; true; }
+
 run_point() { # target n rep
     local t=$1 n=$2 rep=$3 bw
     for w in $WORKLOADS; do
@@ -90,22 +100,35 @@ run_point() { # target n rep
         case $w in
             seq)
                 emit $t $n seq_first $rep "$(fio_bw --name=s --filename=$DEV --rw=write --bs=1M --ioengine=psync)"
+                stats $t $n seq_first
                 emit $t $n seq_over $rep "$(fio_bw --name=s --filename=$DEV --rw=write --bs=1M --ioengine=psync)" ;;
             rand)
-                emit $t $n rand_first $rep "$(fio_bw --name=r --filename=$DEV --rw=randwrite --bs=4k --ioengine=psync --randseed=$rep)"
-                emit $t $n rand_over $rep "$(fio_bw --name=r --filename=$DEV --rw=randwrite --bs=4k --ioengine=psync --randseed=$((rep + 7)))"
+                # The same seed twice: the second pass writes exactly the blocks of the first.
+                emit $t $n rand_first $rep "$(fio_bw --name=r --filename=$DEV --rw=randwrite --bs=4k --ioengine=psync --io_size=${RAND_MB}M --randseed=$rep)"
+                stats $t $n rand_first
+                emit $t $n rand_over $rep "$(fio_bw --name=r --filename=$DEV --rw=randwrite --bs=4k --ioengine=psync --io_size=${RAND_MB}M --randseed=$rep)"
                 emit $t $n read_after_rand $rep "$(fio_bw --name=q --filename=$DEV --rw=read --bs=1M --ioengine=psync)" ;;
             qd32)
                 emit $t $n qd32_seq_first $rep "$(fio_bw --name=p --filename=$DEV --rw=write --bs=1M --ioengine=libaio --iodepth=32 --numjobs=4 --size=$((REGION_MB / 4))M --offset_increment=$((REGION_MB / 4))M)"
+                stats $t $n qd32_seq_first
                 setup $t $n || return 1
-                emit $t $n qd32_rand_first $rep "$(fio_bw --name=p --filename=$DEV --rw=randwrite --bs=4k --ioengine=libaio --iodepth=32 --numjobs=4 --size=$((REGION_MB / 4))M --offset_increment=$((REGION_MB / 4))M)" ;;
+                emit $t $n qd32_rand_first $rep "$(fio_bw --name=p --filename=$DEV --rw=randwrite --bs=4k --ioengine=libaio --iodepth=32 --numjobs=4 --size=$((REGION_MB / 4))M --io_size=$((RAND_MB / 4))M --offset_increment=$((REGION_MB / 4))M)"
+                stats $t $n qd32_rand_first ;;
         esac
     done
 }
 
 for BACKING in $BACKINGS; do
-    if [ $BACKING = ram ]; then A=/dev/ram0; B=/dev/ram1; else A=/dev/vda; B=/dev/vdb; fi
+    if [ $BACKING = ram ]; then
+        A=/dev/ram0; B=/dev/ram1; REGION_MB=$REGION_MB_RAM
+    else
+        A=/dev/vda; B=/dev/vdb; REGION_MB=$REGION_MB_VIRTIO
+    fi
+    R=$((REGION_MB * 2048))          # sectors
     BSZ=$(blockdev --getsz $B)
+    need=$(( SNAP_MAX * (R + R / 8 + 4096) ))
+    [ $BSZ -ge $need ] || { echo "COW device $B too small for $SNAP_MAX dm-snapshot COWs of $REGION_MB MiB"; exit 1; }
+    dd if=/dev/urandom of=/tmp/fill bs=1M count=$REGION_MB status=none
     # Touch every block of the COW/pool device once, so that no target pays for the RAM
     # disk allocating pages (or the sparse file growing) during a measurement.
     dd if=/dev/zero of=$B bs=1M count=$((BSZ / 2048)) oflag=direct status=none
