@@ -64,6 +64,10 @@ type KStore = Store<MetaIo, CacheMemory, KBox<Super>>;
 const CACHE_BLOCKS: usize = 512;
 /// Bios handled per worker batch (one journal commit).
 const BATCH: usize = 32;
+/// Bios a batch sets aside for the next one (their chunk is in it) before it stops looking.
+const BATCH_LATER: usize = 64;
+/// Bios a batch takes off the queue at most (writes that need no copy are sent on at once).
+const BATCH_POPS: usize = 256;
 /// Leaves visited per snapshot-deletion step.
 const DELETE_STEP_LEAVES: usize = 16;
 
@@ -86,6 +90,9 @@ struct State {
     stats: Stats,
     /// Set when the batch in progress lost its store (its copies and commit are void).
     gave_up: bool,
+    /// A snapshot was invalidated (COW device full) and that is not committed yet: until it
+    /// is, an origin write that needs no copy only because of it must wait for the commit.
+    invalidation_pending: bool,
 }
 
 /// Counters reported by the `stats` message.
@@ -95,6 +102,8 @@ struct Stats {
     bios: u64,
     copy_jobs: u64,
     copied_chunks: u64,
+    /// Deferred origin writes that needed no copy, sent on at once by the worker.
+    passed: u64,
     commits: u64,
     /// Worker time (ns) spent planning, waiting for copies, committing, releasing.
     plan_ns: u64,
@@ -325,6 +334,7 @@ impl TargetOps for Origin {
                     snap_refs: [0; MAX_SNAPSHOTS],
                     stats: Stats::default(),
                     gave_up: false,
+                    invalidation_pending: false,
                 })?,
                 copier: Copier::new()?,
                 writes_inflight: Inflight::new()?,
@@ -525,7 +535,7 @@ impl TargetOps for Origin {
                 let _ = write!(
                     out,
                     "batches {} bios {} copy_jobs {} copied_chunks {} commits {} \
-                     plan_us {} copy_us {} commit_us {} release_us {} meta_reads {}",
+                     plan_us {} copy_us {} commit_us {} release_us {} meta_reads {} passed {}",
                     s.batches,
                     s.bios,
                     s.copy_jobs,
@@ -535,7 +545,8 @@ impl TargetOps for Origin {
                     s.copy_ns / 1000,
                     s.commit_ns / 1000,
                     s.release_ns / 1000,
-                    meta_reads
+                    meta_reads,
+                    s.passed
                 );
                 Ok(())
             }
@@ -751,6 +762,7 @@ impl Shared {
                 Ok(OriginWrite::NoCopy) => Ok(Action::OriginWrite(None)),
                 Ok(OriginWrite::Copy(c)) => Ok(Action::OriginWrite(Some(c))),
                 Ok(OriginWrite::Invalidated(mask)) => {
+                    st.invalidation_pending = true;
                     pr_err!(
                         "{}: COW device full: invalidated snapshot slots {:#x}\n",
                         self.cow.name(),
@@ -790,6 +802,7 @@ impl Shared {
             }),
             Err(StoreError::TxFull) => Err(StoreError::TxFull),
             Err(StoreError::NoDataSpace) => {
+                st.invalidation_pending = true;
                 pr_err!(
                     "{}: COW device full: snapshot slot {} invalidated\n",
                     self.cow.name(),
@@ -808,14 +821,29 @@ impl Shared {
         }
     }
 
+    /// Sends an origin write to the origin device.
+    fn submit_origin_write(&self, mut bio: Bio, off: u64) {
+        // Counted like the writes `map` passes through: a snapshot created from now on
+        // waits for it.
+        bio.set_tag(TAG_WRITE_COUNTED);
+        self.writes_inflight.inc();
+        bio.remap(self.origin_h, off);
+        bio.submit();
+    }
+
     /// Plans, copies, commits and releases one batch.  Returns false when the queue is empty.
     fn run_batch(&self, st: &mut State) -> bool {
         st.gave_up = false;
         let t0 = dm::now_ns();
         let mut items: [Option<Item>; BATCH] = [const { None }; BATCH];
         let mut n = 0;
-        while n < BATCH {
+        // Bios for a chunk already in the batch, in arrival order: they wait for the next one.
+        let mut later: [Option<Bio>; BATCH_LATER] = [const { None }; BATCH_LATER];
+        let mut nlater = 0;
+        let mut popped = 0;
+        while n < BATCH && popped < BATCH_POPS {
             let Some(bio) = self.worker.pop() else { break };
+            popped += 1;
             let off = bio.sector();
             let chunk = self.chunk_of(off);
             // One bio per chunk per batch: copies within a batch never depend on each other.
@@ -824,10 +852,24 @@ impl Shared {
                 .flatten()
                 .any(|it| self.chunk_of(it.off) == chunk)
             {
-                self.worker.push_front(bio);
-                break;
+                if nlater == BATCH_LATER {
+                    self.worker.push_front(bio);
+                    break;
+                }
+                later[nlater] = Some(bio);
+                nlater += 1;
+                continue;
             }
             match self.plan(st, &bio, off) {
+                // An origin write deferred only because `map` found the lock taken, to a
+                // chunk no snapshot needs copied: it goes now, as `map` would have sent it,
+                // instead of taking a place in the batch and waiting for its commit.
+                Ok(Action::OriginWrite(None))
+                    if st.failed.is_none() && !st.gave_up && !st.invalidation_pending =>
+                {
+                    st.stats.passed += 1;
+                    self.submit_origin_write(bio, off);
+                }
                 Ok(action) => {
                     items[n] = Some(Item { bio, off, action });
                     n += 1;
@@ -845,6 +887,12 @@ impl Shared {
                         }
                     }
                 }
+            }
+        }
+        // Back at the head of the queue, ahead of everything that came after them.
+        for slot in later[..nlater].iter_mut().rev() {
+            if let Some(bio) = slot.take() {
+                self.worker.push_front(bio);
             }
         }
         if n == 0 {
@@ -924,6 +972,9 @@ impl Shared {
                     Ok(()) => {}
                     Err(e) => self.give_up(st, "journal commit failed", e),
                 }
+                if st.failed.is_none() && !st.gave_up {
+                    st.invalidation_pending = false;
+                }
             }
         }
         if origin_writes {
@@ -942,14 +993,7 @@ impl Shared {
                 continue;
             };
             match action {
-                Action::OriginWrite(_) => {
-                    // Counted like the writes `map` passes through: a snapshot created
-                    // from now on waits for it.
-                    bio.set_tag(TAG_WRITE_COUNTED);
-                    self.writes_inflight.inc();
-                    bio.remap(self.origin_h, off);
-                    bio.submit();
-                }
+                Action::OriginWrite(_) => self.submit_origin_write(bio, off),
                 Action::Fail(e) => bio.endio(e.to_errno()),
                 _ if failed => bio.endio(EIO.to_errno()),
                 Action::SnapRead(Source::Origin) => {
