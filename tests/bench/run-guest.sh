@@ -35,6 +35,10 @@ teardown() {
     dmsetup remove_all >/dev/null 2>&1
 }
 
+# Sectors of one dm-snapshot COW: a copy of the region plus its exception area (1/256 of
+# the data at 4 KiB chunks, less at 64 KiB) and the header.
+cow_sectors() { echo $(( R + R / 8 + 4096 )); }
+
 # setup <target> <n>: prefilled origin with n snapshots; sets DEV.
 setup() {
     local t=$1 n=$2 i
@@ -50,9 +54,7 @@ setup() {
             dmsetup create bo --table "0 $R shared-origin $A $B $CHUNK" || return 1
             DEV=/dev/mapper/bo ;;
         snapshot)
-            # Each COW holds one copy of the region plus its exception area (1/256 of
-            # the data at 4 KiB chunks, less at 64 KiB) and the header.
-            local cs=$(( R + R / 8 + 4096 ))
+            local cs=$(cow_sectors)
             for i in $(seq 1 $n); do
                 dmsetup create bc$i --table "0 $cs linear $B $(( (i - 1) * cs ))" || return 1
                 dd if=/dev/zero of=/dev/mapper/bc$i bs=4k count=1 oflag=direct status=none
@@ -126,7 +128,7 @@ for BACKING in $BACKINGS; do
     fi
     R=$((REGION_MB * 2048))          # sectors
     BSZ=$(blockdev --getsz $B)
-    need=$(( SNAP_MAX * (R + R / 8 + 4096) ))
+    need=$(( SNAP_MAX * $(cow_sectors) ))
     [ $BSZ -ge $need ] || { echo "COW device $B too small for $SNAP_MAX dm-snapshot COWs of $REGION_MB MiB"; exit 1; }
     dd if=/dev/urandom of=/tmp/fill bs=1M count=$REGION_MB status=none
     # Touch every block of the COW/pool device once, so that no target pays for the RAM
