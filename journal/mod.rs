@@ -130,12 +130,14 @@ pub fn commit<M: CacheMem>(
     seal(io, desc);
     // One request (two if the log wraps): PREFLUSH makes the chunk copies of this
     // transaction durable first, FUA makes the transaction durable: the commit point.
+    // FUA covers only its own request, so when the log wraps both parts carry FUA: the
+    // transaction is durable as a whole when the second returns.
     let run = &staging[..n + 1];
     let first = (j.size - j.off % j.size).min(run.len() as u64) as usize;
     if first == run.len() {
         io.write_run(dloc, run, true, true)?;
     } else {
-        io.write_run(dloc, &run[..first], true, false)?;
+        io.write_run(dloc, &run[..first], true, true)?;
         io.write_run(j.start, &run[first..], false, true)?;
     }
     // Home writes happen lazily: at eviction or at the next checkpoint.

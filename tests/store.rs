@@ -9,9 +9,22 @@ use shsnap_core::exception_store::format::{Block, BlockIo, Error, BLOCK_SIZE};
 use shsnap_core::exception_store::superblock::Super;
 use shsnap_core::exception_store::{format, FormatParams, OriginWrite, SnapWrite, Source, Store};
 use shsnap_core::host::{MemDev, VecMem};
+use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::rc::Rc;
 
 const CHUNKS: u64 = 512;
+
+/// A random seed: from the environment variable `var` if set (to replay a failure), else
+/// `default`; always printed so that any failure can be replayed.
+fn seed(var: &str, default: u64) -> u64 {
+    let s = std::env::var(var)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default);
+    println!("seed: {}={} (set {} to replay)", var, s, var);
+    s
+}
 
 type S = Store<MemDev, VecMem, Box<Super>>;
 
@@ -55,6 +68,13 @@ struct Model {
 }
 
 struct Sim {
+    /// After every commit that returns: a power cut that drops every volatile write must
+    /// recover exactly the committed state (a commit is durable when it returns).
+    durability_checks: bool,
+    /// Commits whose journal transaction wrapped the end of the log.
+    wrapped_commits: u64,
+    /// Durability checks done.
+    durability_checked: u64,
     store: Option<S>,
     model: Model,
     /// Model after the last commit that returned.
@@ -71,12 +91,19 @@ struct Sim {
 
 impl Sim {
     fn new(dev: MemDev) -> Sim {
-        let store = Store::open(dev, VecMem::new(256), sbox()).unwrap();
+        Sim::with_cache(dev, 256)
+    }
+
+    fn with_cache(dev: MemDev, cache: usize) -> Sim {
+        let store = Store::open(dev, VecMem::new(cache), sbox()).unwrap();
         let model = Model {
             origin: vec![0; CHUNKS as usize],
             snaps: BTreeMap::new(),
         };
         Sim {
+            durability_checks: false,
+            wrapped_commits: 0,
+            durability_checked: 0,
             store: Some(store),
             committed: model.clone(),
             model,
@@ -96,14 +123,38 @@ impl Sim {
     }
 
     fn commit(&mut self) -> Result<(), Error> {
+        let j0 = *self.s().journal();
         self.s().commit()?;
+        let j1 = *self.s().journal();
+        let wrapped = j1.off > j0.off && j0.off % j0.size + (j1.off - j0.off) > j0.size;
+        if wrapped {
+            self.wrapped_commits += 1;
+        }
         for (c, t) in std::mem::take(&mut self.pending_origin) {
             self.model.origin[c as usize] = t;
         }
         self.committed = self.model.clone();
         self.commits += 1;
         self.unacked.clear();
+        if self.durability_checks {
+            self.check_durable(wrapped);
+        }
         Ok(())
+    }
+
+    /// A power cut now, losing every write not yet durable, must recover the committed state.
+    fn check_durable(&mut self, wrapped: bool) {
+        let dev = self.s().io().clone();
+        let img = dev.crash(|_| false, None);
+        let m = self.committed.clone();
+        let what = format!(
+            "commit {} (wrapped the log: {}): power cut right after it returned",
+            self.commits, wrapped
+        );
+        let mut st = Store::open(img, VecMem::new(128), sbox())
+            .unwrap_or_else(|e| panic!("{}: open: {}", what, e));
+        verify(&mut st, &m, &m.origin).unwrap_or_else(|e| panic!("{}: {}", what, e));
+        self.durability_checked += 1;
     }
 
     fn retry<T>(&mut self, mut f: impl FnMut(&mut S) -> Result<T, Error>) -> Result<T, Error> {
@@ -140,12 +191,20 @@ impl Sim {
         let slot = self.s().sb().slot_of(id).unwrap();
         let tag = self.next_tag;
         self.next_tag += 1;
-        let blk = match self.retry(|s| s.snapshot_write(chunk, slot))? {
-            SnapWrite::InPlace(c) => self.data_block(c),
-            SnapWrite::Copy { to, .. } => self.data_block(to),
+        let (blk, in_place) = match self.retry(|s| s.snapshot_write(chunk, slot))? {
+            SnapWrite::InPlace(c) => (self.data_block(c), true),
+            SnapWrite::Copy { to, .. } => (self.data_block(to), false),
         };
         self.unacked.push((id, chunk, tag));
-        self.s().io().write_block(blk, &tag_block(tag))?;
+        if in_place {
+            // No metadata changes, so no commit (and no flush) may follow: the write is
+            // acknowledged when durable on its own (the user's FUA or flush).
+            self.s()
+                .io()
+                .write_run(blk, &[tag_block(tag)], false, true)?;
+        } else {
+            self.s().io().write_block(blk, &tag_block(tag))?;
+        }
         self.model.snaps.get_mut(&id).unwrap()[chunk as usize] = tag;
         Ok(())
     }
@@ -374,34 +433,146 @@ fn cow_full_invalidates_sharers_only() {
     check_clean(&dev);
 }
 
-/// Runs a workload until the device fails at write number `cut`, then checks every power-cut
-/// image: the recovered store passes check and equals the state of the last commit that
-/// returned, or of the commit in progress.
+/// A device shared between a store that may fail to open (and so never give it back) and
+/// the test that wants to see what that open wrote.
+#[derive(Clone)]
+struct Shared(Rc<RefCell<MemDev>>);
+
+impl BlockIo for Shared {
+    fn read_block(&mut self, nr: u64, buf: &mut Block) -> Result<(), Error> {
+        self.0.borrow_mut().read_block(nr, buf)
+    }
+    fn write_block(&mut self, nr: u64, buf: &Block) -> Result<(), Error> {
+        self.0.borrow_mut().write_block(nr, buf)
+    }
+    fn flush(&mut self) -> Result<(), Error> {
+        self.0.borrow_mut().flush()
+    }
+    fn write_run(&mut self, nr: u64, bufs: &[Block], pf: bool, fua: bool) -> Result<(), Error> {
+        self.0.borrow_mut().write_run(nr, bufs, pf, fua)
+    }
+    fn size_blocks(&self) -> u64 {
+        self.0.borrow().size_blocks()
+    }
+    fn crc32c(&self, data: &[u8]) -> u32 {
+        self.0.borrow().crc32c(data)
+    }
+}
+
+/// The image a power cut leaves, in one of four ways: every volatile write dropped, all
+/// kept, a random subset kept, or a random subset kept with one of them torn.
+fn power_cut(dev: &MemDev, how: u32, rng: &mut SmallRng) -> MemDev {
+    let n = dev.unflushed();
+    match how % 4 {
+        0 => dev.crash(|_| false, None),
+        1 => dev.crash(|_| true, None),
+        2 => dev.crash(|_| rng.gen_bool(0.5), None),
+        _ => {
+            let torn = if n > 0 {
+                Some((rng.gen_range(0..n), rng.gen_range(1..8)))
+            } else {
+                None
+            };
+            dev.crash(|_| rng.gen_bool(0.7), torn)
+        }
+    }
+}
+
+/// Recovers `img` and checks it with `ok`; then the same with power cuts during the recovery
+/// (at a random write of the replay and header update, then recovered again) and right
+/// after a recovery (its unflushed writes dropped or torn, recovered again).
+fn recover_checked(img: &MemDev, ctx: &str, rng: &mut SmallRng, ok: &dyn Fn(&mut S) -> bool) {
+    let (rep, _) = check::check(img.clone());
+    assert!(rep.errors.is_empty(), "{}: check: {:?}", ctx, rep.errors);
+    let mut s = Store::open(img.clone(), VecMem::new(128), sbox())
+        .unwrap_or_else(|e| panic!("{}: open: {}", ctx, e));
+    assert!(
+        ok(&mut s),
+        "{}: recovered state matches no committed state",
+        ctx
+    );
+    let open_writes = s.io().writes;
+    // A power cut after the recovery.
+    let (d, _, _) = s.abandon();
+    let how = rng.gen_range(0..4);
+    let img2 = power_cut(&d, how, rng);
+    let mut s = Store::open(img2, VecMem::new(128), sbox())
+        .unwrap_or_else(|e| panic!("{}: open after a cut after recovery ({}): {}", ctx, how, e));
+    assert!(
+        ok(&mut s),
+        "{}: state changed by a cut after recovery ({})",
+        ctx,
+        how
+    );
+    // Power cuts during the recovery.
+    for _ in 0..2 {
+        let k = rng.gen_range(0..=open_writes);
+        let dev = Shared(Rc::new(RefCell::new(img.clone())));
+        dev.0.borrow_mut().fail_after_writes = Some(k);
+        if let Ok(s) = Store::open(dev.clone(), VecMem::new(128), sbox()) {
+            let _ = s.abandon();
+        }
+        let d = dev.0.borrow().clone();
+        let how = rng.gen_range(0..4);
+        let mut img3 = power_cut(&d, how, rng);
+        img3.fail_after_writes = None;
+        let (rep, _) = check::check(img3.clone());
+        assert!(
+            rep.errors.is_empty(),
+            "{}: cut at write {} of recovery ({}): check: {:?}",
+            ctx,
+            k,
+            how,
+            rep.errors
+        );
+        let mut s = Store::open(img3, VecMem::new(128), sbox()).unwrap_or_else(|e| {
+            panic!(
+                "{}: open after a cut at write {} of recovery: {}",
+                ctx, k, e
+            )
+        });
+        assert!(
+            ok(&mut s),
+            "{}: cut at write {} of recovery ({}): state matches no committed state",
+            ctx,
+            k,
+            how
+        );
+    }
+}
+
+/// Runs a workload until the device fails at write number `cut`, then checks power-cut
+/// images: the recovered store passes check and equals the state of the last commit that
+/// returned, or of the commit in flight at the cut (never an older one).
 fn crash_at(seed: u64, cut: u64, steps: u32, rng2: &mut SmallRng) -> bool {
-    let base = new_dev(8192);
+    crash_at_dev(seed, cut, steps, rng2, new_dev(8192), 256)
+}
+
+fn crash_at_dev(
+    seed: u64,
+    cut: u64,
+    steps: u32,
+    rng2: &mut SmallRng,
+    base: MemDev,
+    cache: usize,
+) -> bool {
     let start_writes = base.writes;
-    let mut sim = Sim::new(base);
+    let mut sim = Sim::with_cache(base, cache);
     sim.s().io().fail_after_writes = Some(start_writes + cut);
     let mut rng = SmallRng::seed_from_u64(seed);
     let mut next_id = 0;
-    let mut before = sim.committed.clone();
     let mut hit = false;
     for _ in 0..steps {
-        before = sim.committed.clone();
-        let c0 = sim.commits;
         if step(&mut sim, &mut rng, &mut next_id).is_err() {
             hit = true;
             break;
-        }
-        if sim.commits == c0 {
-            continue;
         }
     }
     if !hit {
         return false;
     }
-    // `before`: state of the last commit that returned before the failing step; the failing
-    // step may have included one more commit attempt (maybe durable), or one that returned.
+    // `after_ok`: the state of the last commit that returned (even inside the failing
+    // step); `in_flight`: the state had the failing commit become durable.
     let after_ok = sim.committed.clone();
     let in_flight = {
         let mut m = sim.model.clone();
@@ -412,77 +583,81 @@ fn crash_at(seed: u64, cut: u64, steps: u32, rng2: &mut SmallRng) -> bool {
     };
     let (dev, _, _) = sim.store.take().unwrap().abandon();
     let origin_now = sim.model.origin.clone();
+    let unacked = sim.unacked.clone();
     for trial in 0..4 {
-        let n = dev.unflushed();
-        let img = match trial {
-            0 => dev.crash(|_| false, None),
-            1 => dev.crash(|_| true, None),
-            2 => dev.crash(|_| rng2.gen_bool(0.5), None),
-            _ => {
-                let torn = if n > 0 {
-                    Some((rng2.gen_range(0..n), rng2.gen_range(1..8)))
-                } else {
-                    None
-                };
-                dev.crash(|_| rng2.gen_bool(0.7), torn)
-            }
-        };
-        let (rep, _) = check::check(img.clone());
-        assert!(
-            rep.errors.is_empty(),
-            "seed {} cut {} trial {}: check: {:?}",
-            seed,
-            cut,
-            trial,
-            rep.errors
-        );
-        let mut s = Store::open(img, VecMem::new(128), sbox())
-            .unwrap_or_else(|e| panic!("seed {} cut {}: open: {}", seed, cut, e));
+        let img = power_cut(&dev, trial, rng2);
+        let ctx = format!("seed {} cut {} trial {}", seed, cut, trial);
         // Origin content: writes whose commit returned are on the origin; a write whose
-        // commit was in flight never reached it.
-        let unacked = sim.unacked.clone();
-        let also = |id: u32, c: u64, tag: u64| {
-            unacked
-                .iter()
-                .any(|&(i, ch, t)| i == id && ch == c && t == tag)
+        // commit was in flight may or may not have reached it.
+        let ok = |s: &mut S| {
+            let also = |id: u32, c: u64, tag: u64| {
+                unacked
+                    .iter()
+                    .any(|&(i, ch, t)| i == id && ch == c && t == tag)
+            };
+            [&after_ok, &in_flight].iter().any(|m| {
+                verify_with(s, m, &origin_now, also).is_ok()
+                    || verify_with(s, m, &m.origin, also).is_ok()
+            })
         };
-        let ok = [&after_ok, &before, &in_flight].iter().any(|m| {
-            verify_with(&mut s, m, &origin_now, also).is_ok()
-                || verify_with(&mut s, m, &m.origin, also).is_ok()
-        });
-        assert!(
-            ok,
-            "seed {} cut {} trial {}: recovered state matches no committed state: {:?}",
-            seed,
-            cut,
-            trial,
-            verify(&mut s, &after_ok, &origin_now)
-        );
+        recover_checked(&img, &ctx, rng2, &ok);
     }
     true
 }
 
+/// Writes (after format) of the uninterrupted workload of `seed`.
+fn workload_writes(seed: u64, steps: u32, base: MemDev, cache: usize) -> u64 {
+    let start = base.writes;
+    let mut sim = Sim::with_cache(base, cache);
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut next_id = 0;
+    for _ in 0..steps {
+        step(&mut sim, &mut rng, &mut next_id).unwrap();
+    }
+    sim.s().io().writes - start
+}
+
+/// Cut points across a whole run of `total` writes: every write of the first 40, then
+/// `n` more spread evenly with random jitter up to the last write.
+fn cut_points(total: u64, n: u64, rng: &mut SmallRng) -> Vec<u64> {
+    let mut v: Vec<u64> = (1..=40.min(total)).collect();
+    if total > 40 {
+        let span = total - 40;
+        for i in 0..n {
+            let lo = 40 + span * i / n;
+            let hi = (40 + span * (i + 1) / n).max(lo + 1);
+            v.push(rng.gen_range(lo..hi) + 1);
+        }
+    }
+    v.push(total);
+    v.sort();
+    v.dedup();
+    v
+}
+
 #[test]
 fn crash_at_every_write() {
-    let mut rng2 = SmallRng::seed_from_u64(99);
-    let mut points = 0;
-    let max: u64 = std::env::var("SHSNAP_CRASH_POINTS")
+    const STEPS: u32 = 1500;
+    let base = seed("SHSNAP_CRASH_SEED", 0);
+    let mut rng2 = SmallRng::seed_from_u64(base ^ 99);
+    let n: u64 = std::env::var("SHSNAP_CRASH_POINTS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(600);
-    for seed in 0..3 {
-        let mut cut = 1;
-        while cut < max {
-            if !crash_at(seed, cut, 400, &mut rng2) {
-                break;
+        .unwrap_or(100);
+    let mut points = 0;
+    let mut last = 0;
+    for seed in base..base + 3 {
+        let total = workload_writes(seed, STEPS, new_dev(8192), 256);
+        for cut in cut_points(total, n, &mut rng2) {
+            if crash_at(seed, cut, STEPS, &mut rng2) {
+                points += 1;
+                last = last.max(cut);
             }
-            points += 1;
-            cut += 1 + cut / 50;
         }
     }
     println!(
-        "crash: {} power-cut points x 4 images recovered and verified",
-        points
+        "crash: {} power-cut points (up to write {}) x 4 images, each also cut during and after recovery, recovered and verified",
+        points, last
     );
     assert!(points > 100);
 }
@@ -768,5 +943,36 @@ fn fuzz_open_mutated_images() {
     println!(
         "fuzz: {} mutated images: {} opened (damage outside what open reads), {} refused, no panic",
         iters, opened, refused
+    );
+}
+
+/// Every commit is durable when it returns, including one whose journal transaction wraps
+/// the end of the log (written as two requests): a power cut right after it, losing every
+/// write that no flush or FUA made durable, recovers exactly the committed state.
+#[test]
+fn returned_commit_survives_power_cut() {
+    let base = seed("SHSNAP_DURABLE_SEED", 11);
+    let mut wrapped = 0;
+    let mut checked = 0;
+    for seed in base..base + 2 {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let mut sim = Sim::new(new_dev(8192));
+        sim.durability_checks = true;
+        let mut next_id = 0;
+        for i in 0..1500 {
+            step(&mut sim, &mut rng, &mut next_id)
+                .unwrap_or_else(|e| panic!("seed {} step {}: {}", seed, i, e));
+        }
+        wrapped += sim.wrapped_commits;
+        checked += sim.durability_checked;
+    }
+    println!(
+        "crash: {} returned commits ({} wrapping the log) survived a power cut right after",
+        checked, wrapped
+    );
+    assert!(
+        wrapped >= 2,
+        "the workload must wrap the log: {} wraps",
+        wrapped
     );
 }

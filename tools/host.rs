@@ -69,6 +69,8 @@ pub struct MemDev {
     pub writes: u64,
     /// Flushes issued so far.
     pub flushes: u64,
+    /// FUA requests completed so far.
+    pub fuas: u64,
     /// Fail (as an I/O error) every operation once this many writes have been issued.
     pub fail_after_writes: Option<u64>,
     /// Block number of every write issued, in order (index = write number).
@@ -84,6 +86,7 @@ impl MemDev {
             volatile: Vec::new(),
             writes: 0,
             flushes: 0,
+            fuas: 0,
             fail_after_writes: None,
             log: Vec::new(),
         }
@@ -193,6 +196,35 @@ impl BlockIo for MemDev {
         self.flushes += 1;
         for p in self.volatile.drain(..) {
             self.durable.insert(p.block, p.data);
+        }
+        Ok(())
+    }
+
+    /// Exact REQ_PREFLUSH / REQ_FUA semantics: PREFLUSH makes every write completed before
+    /// it durable; FUA makes durable only the blocks of this request (every other volatile
+    /// write stays volatile).  Each block of the run is its own volatile write until then, so
+    /// a cut can keep any subset of them, or tear one.
+    fn write_run(&mut self, nr: u64, bufs: &[Block], preflush: bool, fua: bool) -> Result<()> {
+        let n = bufs.len() as u64;
+        if n == 0 || nr.checked_add(n).map_or(true, |e| e > self.blocks) {
+            return Err(Error::Io { block: nr });
+        }
+        if preflush {
+            self.flush()?;
+        }
+        let first = self.volatile.len();
+        for (i, b) in bufs.iter().enumerate() {
+            self.write_block(nr + i as u64, b)?;
+        }
+        if fua {
+            self.check_fail()?;
+            self.fuas += 1;
+            let run: Vec<Pending> = self.volatile.drain(first..).collect();
+            for p in run {
+                // An older volatile write of the same block is superseded by the durable one.
+                self.volatile.retain(|q| q.block != p.block);
+                self.durable.insert(p.block, p.data);
+            }
         }
         Ok(())
     }
