@@ -18,3 +18,7 @@ pub mod host;
 #[cfg(feature = "std")]
 #[path = "tools/check.rs"]
 pub mod check;
+
+#[cfg(feature = "std")]
+#[path = "tools/forge.rs"]
+pub mod forge;

@@ -52,7 +52,7 @@ pub trait NodeStore {
     /// A loaded node, for modification.
     fn nb_mut(&mut self, slot: usize) -> &mut Block;
     /// Two loaded nodes, for modification.
-    fn nb_mut2(&mut self, a: usize, b: usize) -> (&mut Block, &mut Block);
+    fn nb_mut2(&mut self, a: usize, b: usize) -> Result<(&mut Block, &mut Block)>;
     /// Allocates and initialises an empty node at `level`.
     fn alloc_node(&mut self, level: u16) -> Result<(u64, usize)>;
     /// Frees a node's block.
@@ -172,6 +172,13 @@ pub fn validate_node(
             }
             prev = Some(e);
         }
+        // One COW chunk in two exceptions of this leaf (across leaves: `shsnap check`).
+        for i in 1..n {
+            let c = leaf_entry(b, i).cow;
+            if (0..i).any(|j| leaf_entry(b, j).cow == c) {
+                return corrupt("one COW chunk used by two exceptions");
+            }
+        }
     } else {
         if n == 0 || n > INTERNAL_CAP {
             return corrupt("internal node entry count out of range");
@@ -259,16 +266,36 @@ pub fn find_leaf(ns: &mut impl NodeStore, root: Root, key: u64, nonblocking: boo
     };
     let mut blk = root.block;
     let mut lvl = (root.depth - 1) as u16;
+    // Key range [lo, upper) the node must stay within (its parent's entry says so): a node
+    // with keys outside it was forged or misplaced, and a lookup there would miss entries.
+    let mut lo = 0u64;
     loop {
         let slot = ns.node(blk, lvl, nonblocking)?;
+        let b = ns.nb(slot);
+        let n = count(b);
+        let in_range = |k: u64| k >= lo && path.upper.map_or(true, |h| k < h);
+        let (first, last) = match (lvl, n) {
+            (_, 0) => (lo, lo),
+            (0, _) => (leaf_entry(b, 0).chunk, leaf_entry(b, n - 1).chunk),
+            (_, 1) => (lo, lo),
+            _ => (internal_entry(b, 1).0, internal_entry(b, n - 1).0),
+        };
+        if !in_range(first) || !in_range(last) || (lvl > 0 && n > 1 && first == lo) {
+            return Err(Error::Corrupt {
+                block: blk,
+                what: "btree node keys outside its parent's range",
+            });
+        }
         if lvl == 0 {
             path.leaf = (blk, slot);
             return Ok(path);
         }
-        let b = ns.nb(slot);
         let i = child_index(b, key);
-        if i + 1 < count(b) {
+        if i + 1 < n {
             path.upper = Some(internal_entry(b, i + 1).0);
+        }
+        if i > 0 {
+            lo = internal_entry(b, i).0;
         }
         let child = internal_entry(b, i).1;
         path.nodes[path.len] = (blk, slot, i);
@@ -312,7 +339,7 @@ pub fn insert(ns: &mut impl NodeStore, root: &mut Root, e: Exception) -> Result<
         });
     };
     let (rblk, rslot) = ns.alloc_node(0)?;
-    let (l, r) = ns.nb_mut2(lslot, rslot);
+    let (l, r) = ns.nb_mut2(lslot, rslot)?;
     for i in split..n {
         let x = leaf_entry(l, i);
         set_leaf_entry(r, i - split, &x);
@@ -356,7 +383,7 @@ fn insert_parent(
         }
         let (rblk, rslot) = ns.alloc_node(lvl)?;
         let split = n / 2;
-        let (l, r) = ns.nb_mut2(pslot, rslot);
+        let (l, r) = ns.nb_mut2(pslot, rslot)?;
         for i in split..n {
             let (k, c) = internal_entry(l, i);
             set_internal_entry(r, i - split, k, c);

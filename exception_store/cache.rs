@@ -292,18 +292,28 @@ impl<M: CacheMem> Cache<M> {
     }
 
     /// Two distinct slots for modification (both marked dirty).
-    pub fn data_mut2(&mut self, a: usize, b: usize) -> (&mut Block, &mut Block) {
-        assert!(a != b);
+    pub fn data_mut2(&mut self, a: usize, b: usize) -> Result<(&mut Block, &mut Block)> {
+        if a == b {
+            return Err(Error::Corrupt {
+                block: self.block_of(a),
+                what: "one block reached as two btree nodes",
+            });
+        }
         self.mark_dirty(a);
         self.mark_dirty(b);
         let blocks = self.mem.parts().blocks;
-        if a < b {
+        Ok(if a < b {
             let (x, y) = blocks.split_at_mut(b);
             (&mut x[a], &mut y[0])
         } else {
             let (x, y) = blocks.split_at_mut(a);
             (&mut y[0], &mut x[b])
-        }
+        })
+    }
+
+    /// Whether `block` is cached.
+    pub fn contains(&mut self, block: u64) -> bool {
+        self.find(block).is_some()
     }
 
     fn mark_dirty(&mut self, idx: usize) {

@@ -116,7 +116,8 @@ fn account(snaps: &mut [SnapSlot; MAX_SNAPSHOTS], old: u64, new: u64) {
         s.owned = s.owned.saturating_sub(1);
     }
     if new.count_ones() == 1 {
-        snaps[new.trailing_zeros() as usize].owned += 1;
+        let s = &mut snaps[new.trailing_zeros() as usize];
+        s.owned = s.owned.saturating_add(1);
     }
 }
 
@@ -573,7 +574,9 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
     }
 
     fn meta_room(&self) -> Result<()> {
-        if self.sb.layout.meta_blocks - self.sb.meta_used < self.sb.root.depth as u64 + 3 {
+        if self.sb.layout.meta_blocks.saturating_sub(self.sb.meta_used)
+            < self.sb.root.depth as u64 + 3
+        {
             return Err(Error::NoMetaSpace);
         }
         Ok(())
@@ -671,13 +674,19 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
         let Some(slot) = self.sb.snaps.iter().position(|s| s.flags == 0) else {
             return Err(Error::TooManySnapshots);
         };
+        let Some(next) = self.sb.next_seq.checked_add(1) else {
+            return Err(Error::Corrupt {
+                block: STATE_BLOCK,
+                what: "creation sequence number out of range",
+            });
+        };
         self.sb.snaps[slot] = SnapSlot {
             id,
             flags: SNAP_LIVE,
             create_seq: self.sb.next_seq,
             owned: 0,
         };
-        self.sb.next_seq += 1;
+        self.sb.next_seq = next;
         self.sb_dirty = true;
         Ok(slot)
     }
@@ -808,13 +817,20 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> NodeStore for Store<D
         self.cache.data_mut(slot)
     }
 
-    fn nb_mut2(&mut self, a: usize, b: usize) -> (&mut Block, &mut Block) {
+    fn nb_mut2(&mut self, a: usize, b: usize) -> Result<(&mut Block, &mut Block)> {
         self.cache.data_mut2(a, b)
     }
 
     fn alloc_node(&mut self, level: u16) -> Result<(u64, usize)> {
         let i = self.alloc(Area::Meta)?;
         let blk = self.sb.layout.meta_start + i;
+        if self.cache.contains(blk) {
+            // A block the operation holds cannot be free: the bitmap is wrong.
+            return Err(Error::Corrupt {
+                block: blk,
+                what: "metadata bitmap marks a block in use as free",
+            });
+        }
         let slot = self.cache.get_new(&mut self.io, blk)?;
         let b = self.cache.data_mut(slot);
         init_header(b, btree::node_type(level), blk, self.sb.store_id);
@@ -823,11 +839,16 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> NodeStore for Store<D
     }
 
     fn free_node(&mut self, block: u64) -> Result<()> {
-        let i = block - self.sb.layout.meta_start;
+        let Some(i) = block.checked_sub(self.sb.layout.meta_start) else {
+            return Err(Error::Corrupt {
+                block,
+                what: "freeing a block outside the metadata area",
+            });
+        };
         self.free(Area::Meta, i)
     }
 
     fn meta_free(&self) -> u64 {
-        self.sb.layout.meta_blocks - self.sb.meta_used
+        self.sb.layout.meta_blocks.saturating_sub(self.sb.meta_used)
     }
 }

@@ -23,6 +23,11 @@ const D_COUNT: usize = 40;
 const D_ENTRIES: usize = 48;
 const D_ENTRY: usize = 16;
 
+/// Largest journal offset or sequence number accepted from a journal header.  Both grow by
+/// at most MAX_TX_BLOCKS + 1 per commit and a replay covers one journal (at most 8192
+/// blocks), so below this bound no addition can overflow.
+pub const JOURNAL_POS_MAX: u64 = 1 << 62;
+
 // The descriptor must describe the largest transaction.
 const _: () = assert!(D_ENTRIES + MAX_TX_BLOCKS * D_ENTRY <= BLOCK_SIZE);
 
@@ -100,7 +105,13 @@ pub fn commit<M: CacheMem>(
             "transaction larger than the journal descriptor",
         ));
     }
-    if j.size - (j.off - j.tail) < n as u64 + 1 {
+    let used = j.off.checked_sub(j.tail).filter(|&u| u <= j.size);
+    let (Some(used), Some(next_off), Some(next_seq)) =
+        (used, j.off.checked_add(n as u64 + 1), j.seq.checked_add(1))
+    else {
+        return Err(Error::Invalid("journal position out of range"));
+    };
+    if j.size - used < n as u64 + 1 {
         // Every commit leaves room for the largest transaction (below).
         return Err(Error::Invalid("journal full"));
     }
@@ -142,9 +153,9 @@ pub fn commit<M: CacheMem>(
     }
     // Home writes happen lazily: at eviction or at the next checkpoint.
     cache.mark_all_committed();
-    j.off += n as u64 + 1;
-    j.seq += 1;
-    j.commits += 1;
+    j.off = next_off;
+    j.seq = next_seq;
+    j.commits = j.commits.saturating_add(1);
     // Make room for the next transaction now, while no block is dirty.  Later, a block
     // changed again since this commit would hold only its new image in memory, and a
     // checkpoint could not write the committed one home before moving the replay start
@@ -247,6 +258,14 @@ pub fn replay(
         commits: 0,
         next_header: 3 - newest,
     };
+    // Offsets and sequence numbers grow by one per block and per transaction: 2^62 of
+    // either cannot be reached, so a header beyond is forged or damaged (and would overflow).
+    if jh.off > JOURNAL_POS_MAX || jh.seq > JOURNAL_POS_MAX {
+        return Err(Error::Corrupt {
+            block: newest,
+            what: "journal header offset or sequence out of range",
+        });
+    }
     let mut rep = ReplayReport::default();
     let mut scanned = 0u64;
     while scanned < j.size {
@@ -255,6 +274,7 @@ pub fn replay(
             TxCheck::Torn => {
                 // A torn transaction must be the last one: if a complete successor follows,
                 // a journal block was damaged, and stopping here would lose committed data.
+                // (n <= MAX_TX_BLOCKS: check_tx checked it before reading the images.)
                 let n = get32(d, D_COUNT) as u64;
                 if let TxCheck::Valid(_) =
                     check_tx(io, &j, l, store_id, j.off + n + 1, j.seq + 1, d, b)?
