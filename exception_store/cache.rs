@@ -246,6 +246,23 @@ impl<M: CacheMem> Cache<M> {
         Ok((i, true))
     }
 
+    /// As `get` (blocking), without protecting the block from eviction by the operation in
+    /// progress (a block it already protects stays protected): for scans that look at many
+    /// blocks and keep none.  The slot index is valid only until the next cache call.
+    pub fn get_unpinned(&mut self, io: &mut impl BlockIo, block: u64) -> Result<(usize, bool)> {
+        if let Some(i) = self.find(block) {
+            self.mem.parts().slots[i].referenced = true;
+            return Ok((i, false));
+        }
+        let i = self.victim(io)?;
+        io.read_block(block, &mut self.mem.parts().blocks[i])?;
+        self.reads += 1;
+        self.install(i, block);
+        let epoch = self.epoch.wrapping_sub(1);
+        self.mem.parts().slots[i].epoch = epoch;
+        Ok((i, true))
+    }
+
     /// Returns a zeroed, dirty slot for a newly allocated block (no read).
     pub fn get_new(&mut self, io: &mut impl BlockIo, block: u64) -> Result<usize> {
         let i = match self.find(block) {

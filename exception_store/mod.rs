@@ -105,7 +105,6 @@ pub struct Store<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> {
     journal: Journal,
     poisoned: Option<Error>,
     npending: usize,
-    hint: [u64; 2],
     /// What the journal replay at open found.
     pub replay: ReplayReport,
 }
@@ -169,6 +168,7 @@ pub fn format(io: &mut impl BlockIo, p: &FormatParams, scratch: &mut Block) -> R
         },
         delete_cursor: 0,
         next_seq: 1,
+        alloc_hint: [0; 2],
         snaps: [SnapSlot::default(); MAX_SNAPSHOTS],
     };
     sb.encode(scratch, STATE_BLOCK);
@@ -201,7 +201,6 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
             journal,
             poisoned: None,
             npending: 0,
-            hint: [0; 2],
             replay,
         };
         s.load_state(store_id, &layout)?;
@@ -362,12 +361,21 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
     // ---- allocation ----------------------------------------------------------------------
 
     fn bitmap_block(&mut self, area: Area, i: u64) -> Result<usize> {
+        self.bitmap_block_at(area, i, true)
+    }
+
+    /// The bitmap block holding bit `i`; `pin`: protect it from eviction for the operation.
+    fn bitmap_block_at(&mut self, area: Area, i: u64, pin: bool) -> Result<usize> {
         let l = &self.sb.layout;
         let blk = match area {
             Area::Meta => l.meta_bitmap_start,
             Area::Data => l.data_bitmap_start,
         } + i / BITS_PER_BITMAP;
-        let (slot, fresh) = self.cache.get(&mut self.io, blk, false)?;
+        let (slot, fresh) = if pin {
+            self.cache.get(&mut self.io, blk, false)?
+        } else {
+            self.cache.get_unpinned(&mut self.io, blk)?
+        };
         if fresh {
             if let Err(e) = check_header(
                 &self.io,
@@ -404,48 +412,60 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
         Ok(self.cache.data(slot)[HEADER_SIZE + (bit / 8) as usize] & (1 << (bit % 8)) != 0)
     }
 
+    /// Next-fit allocation from the hint persisted in the state block: amortized O(1), and
+    /// the bitmap blocks scanned on the way are not pinned in the cache (only the one that
+    /// gets a bit set stays, dirty), so a search never depends on the cache size.
     fn alloc(&mut self, area: Area) -> Result<u64> {
         let total = self.area_size(area);
         let full = match area {
             Area::Meta => Error::NoMetaSpace,
             Area::Data => Error::NoDataSpace,
         };
-        if *self.used(area)
-            + if area == Area::Data {
-                self.npending as u64
-            } else {
-                0
-            }
-            >= total
-        {
+        let pending = if area == Area::Data {
+            self.npending as u64
+        } else {
+            0
+        };
+        if total == 0 || self.used(area).saturating_add(pending) >= total {
             return Err(full);
         }
         let ai = area as usize;
-        let mut i = self.hint[ai] % total;
+        let mut i = self.sb.alloc_hint[ai] % total;
         let mut scanned = 0u64;
-        while scanned < total + BITS_PER_BITMAP {
-            let slot = self.bitmap_block(area, i)?;
-            let bit = i % BITS_PER_BITMAP;
-            let byte = HEADER_SIZE + (bit / 8) as usize;
-            let v = self.cache.data(slot)[byte];
-            let m = 1u8 << (bit % 8);
-            if v == 0xff && bit % 8 == 0 {
-                let step = 8.min(total - i);
-                scanned += step;
-                i = (i + step) % total;
-                continue;
+        while scanned <= total {
+            let slot = self.bitmap_block_at(area, i, false)?;
+            let bit0 = i % BITS_PER_BITMAP;
+            let end = bit0 + (BITS_PER_BITMAP - bit0).min(total - i);
+            let mut bit = bit0;
+            let mut found = None;
+            while bit < end {
+                if bit % 64 == 0 && bit + 64 <= end {
+                    let o = HEADER_SIZE + (bit / 8) as usize;
+                    if get64(self.cache.data(slot), o) == u64::MAX {
+                        bit += 64;
+                        continue;
+                    }
+                }
+                let byte = self.cache.data(slot)[HEADER_SIZE + (bit / 8) as usize];
+                if byte & (1 << (bit % 8)) == 0 {
+                    let c = i - bit0 + bit;
+                    if !(area == Area::Data && self.cache.pending()[..self.npending].contains(&c)) {
+                        found = Some(c);
+                        break;
+                    }
+                }
+                bit += 1;
             }
-            if v & m == 0
-                && !(area == Area::Data && self.cache.pending()[..self.npending].contains(&i))
-            {
-                self.cache.data_mut(slot)[byte] |= m;
+            if let Some(c) = found {
+                let b = c % BITS_PER_BITMAP;
+                self.cache.data_mut(slot)[HEADER_SIZE + (b / 8) as usize] |= 1 << (b % 8);
                 *self.used(area) += 1;
+                self.sb.alloc_hint[ai] = c + 1;
                 self.sb_dirty = true;
-                self.hint[ai] = i + 1;
-                return Ok(i);
+                return Ok(c);
             }
-            scanned += 1;
-            i = (i + 1) % total;
+            scanned += end - bit0;
+            i = (i + (end - bit0)) % total;
         }
         Err(full)
     }

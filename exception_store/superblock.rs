@@ -212,6 +212,9 @@ pub struct Super {
     pub delete_cursor: u64,
     /// Next creation sequence number.
     pub next_seq: u64,
+    /// Where the next allocation search starts, per area (metadata, data): a hint, taken
+    /// modulo the area size (0 in stores written before it existed).
+    pub alloc_hint: [u64; 2],
     /// Snapshot slots.
     pub snaps: [SnapSlot; MAX_SNAPSHOTS],
 }
@@ -229,6 +232,7 @@ const SB_DEPTH: usize = 184;
 const SB_DELETE_CURSOR: usize = 192;
 const SB_NEXT_SEQ: usize = 200;
 const SB_MAGIC_STR: usize = 208;
+const SB_ALLOC_HINT: usize = 216; // 2 u64: metadata, data
 const MAGIC_STR: &[u8; 8] = b"SHSNAP\r\n";
 const SB_SNAPS: usize = 512;
 const SNAP_SIZE: usize = 32;
@@ -273,6 +277,8 @@ impl Super {
         put64(b, SB_DELETE_CURSOR, self.delete_cursor);
         put64(b, SB_NEXT_SEQ, self.next_seq);
         b[SB_MAGIC_STR..SB_MAGIC_STR + 8].copy_from_slice(MAGIC_STR);
+        put64(b, SB_ALLOC_HINT, self.alloc_hint[0]);
+        put64(b, SB_ALLOC_HINT + 8, self.alloc_hint[1]);
         for (i, s) in self.snaps.iter().enumerate() {
             let o = SB_SNAPS + i * SNAP_SIZE;
             put32(b, o, s.id);
@@ -314,6 +320,7 @@ impl Super {
             root: Root { block: 0, depth: 0 },
             delete_cursor: 0,
             next_seq: 0,
+            alloc_hint: [0; 2],
             snaps: [S; MAX_SNAPSHOTS],
         }
     }
@@ -395,6 +402,7 @@ impl Super {
         };
         sb.delete_cursor = get64(b, SB_DELETE_CURSOR);
         sb.next_seq = get64(b, SB_NEXT_SEQ);
+        sb.alloc_hint = [get64(b, SB_ALLOC_HINT), get64(b, SB_ALLOC_HINT + 8)];
         let bad = |w| Err(Error::Corrupt { block: nr, what: w });
         if sb.meta_used > layout.meta_blocks || sb.data_used > layout.data_chunks {
             return bad("space counters exceed the areas");

@@ -1113,3 +1113,89 @@ fn forged_metadata_with_valid_checksums() {
         lookup_errors
     );
 }
+
+/// A store whose first `full` data-bitmap blocks are full (every chunk they cover in use),
+/// with 4 KiB chunks and a small metadata area.
+fn well_filled_dev(full: u64) -> MemDev {
+    use shsnap_core::exception_store::format::{init_header, seal, BlockType, HEADER_SIZE};
+    use shsnap_core::exception_store::superblock::BITS_PER_BITMAP;
+    let blocks = (full + 4) * BITS_PER_BITMAP + 20_000;
+    let mut dev = MemDev::new(blocks);
+    let mut scratch = [0u8; BLOCK_SIZE];
+    let sb = format(
+        &mut dev,
+        &FormatParams {
+            chunk_sectors: 8,
+            store_id: 0x77,
+            uuid: [3; 16],
+            meta_blocks: 1024,
+        },
+        &mut scratch,
+    )
+    .unwrap();
+    let l = sb.layout;
+    assert!(l.data_bitmap_blocks > full);
+    for i in 0..full {
+        let mut b = [0xffu8; BLOCK_SIZE];
+        b[..HEADER_SIZE].fill(0);
+        init_header(
+            &mut b,
+            BlockType::Bitmap,
+            l.data_bitmap_start + i,
+            sb.store_id,
+        );
+        seal(&dev, &mut b);
+        dev.poke(l.data_bitmap_start + i, &b);
+    }
+    let mut s = sb;
+    s.data_used = full * BITS_PER_BITMAP;
+    s.encode(&mut scratch, 3);
+    seal(&dev, &mut scratch);
+    dev.poke(3, &scratch);
+    dev
+}
+
+/// Allocation after reopening a well-filled store: more full data-bitmap blocks than cache
+/// slots.  The search must not pin what it scans (CacheFull) and must not rescan from chunk
+/// 0 at every open (the hint is kept in the state block).
+#[test]
+fn alloc_after_reopen_of_full_store() {
+    use shsnap_core::exception_store::superblock::BITS_PER_BITMAP;
+    let cache = 64;
+    let full = 80u64;
+    let dev = well_filled_dev(full);
+    let mut s = Store::open(dev, VecMem::new(cache), sbox()).unwrap();
+    let a = s.create_snapshot(1).unwrap();
+    s.commit().unwrap();
+    let r = s.origin_write(0);
+    println!(
+        "alloc: first copy after open with {} full bitmap blocks, {}-block cache: {:?}",
+        full, cache, r
+    );
+    assert_eq!(r, Ok(OriginWrite::Copy(full * BITS_PER_BITMAP)));
+    s.commit().unwrap();
+    let (dev, _, _) = s.close().unwrap();
+    // Reopened: the next allocation continues where the last one stopped.
+    let mut s = Store::open(dev, VecMem::new(cache), sbox()).unwrap();
+    let reads = s.cache_reads();
+    assert_eq!(
+        s.origin_write(1),
+        Ok(OriginWrite::Copy(full * BITS_PER_BITMAP + 1))
+    );
+    let reads = s.cache_reads() - reads;
+    println!(
+        "alloc: after reopen, the next copy read {} metadata blocks",
+        reads
+    );
+    assert!(
+        reads <= 4,
+        "allocation rescanned the bitmaps: {} reads",
+        reads
+    );
+    assert_eq!(
+        s.lookup(1, a, false),
+        Ok(Source::Cow(full * BITS_PER_BITMAP + 1))
+    );
+    s.commit().unwrap();
+    let _ = s.close().unwrap();
+}
