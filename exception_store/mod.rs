@@ -20,10 +20,29 @@ use core::ops::DerefMut;
 use format::*;
 use superblock::*;
 
-/// Most dirty blocks one operation can add (splits up a full-depth tree, bitmaps, superblock).
-const OP_MAX_DIRTY: usize = 2 * MAX_DEPTH + 8;
+/// Most blocks one operation can dirty or hold in a tree of `depth` levels (the path, a
+/// split at every level and a new root, metadata and data bitmap blocks); at most
+/// `2 * MAX_DEPTH + 10`.
+const fn op_max_dirty(depth: u32) -> usize {
+    let d = if depth as usize > MAX_DEPTH {
+        MAX_DEPTH
+    } else {
+        depth as usize
+    };
+    2 * d + 10
+}
 /// Data chunks freed in one transaction (they may not be reused before it commits).
 const PENDING_MAX: usize = 1024;
+
+/// How far one step of the deletion sweep got.
+enum DeleteLeaf {
+    /// The leaf is done; the cursor moved to the next one.
+    Next,
+    /// The transaction is full: the same leaf is taken up again after a commit.
+    Partial,
+    /// The last leaf is done.
+    Done,
+}
 
 /// What an origin write to a chunk requires.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -302,9 +321,20 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
 
     /// Whether the transaction is too full for another operation.
     pub fn needs_commit(&self) -> bool {
-        let limit = MAX_TX_BLOCKS.min(self.cache.capacity() / 2);
-        self.cache.ndirty() + OP_MAX_DIRTY + 1 > limit
+        self.cache.ndirty() + self.op_max() + 1 > self.tx_limit()
             || self.npending + btree::LEAF_CAP > PENDING_MAX
+    }
+
+    fn op_max(&self) -> usize {
+        op_max_dirty(self.sb.root.depth)
+    }
+
+    /// Most dirty blocks a transaction may reach (the state block included): what the
+    /// journal descriptor holds, and what the cache can keep while an operation runs.  Half
+    /// of a large cache stays for clean blocks; a small one gives room for two operations.
+    fn tx_limit(&self) -> usize {
+        let cap = self.cache.capacity();
+        MAX_TX_BLOCKS.min((cap / 2).max(2 * self.op_max() + 2).min(cap))
     }
 
     fn check_usable(&self) -> Result<()> {
@@ -477,6 +507,10 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
                 what: "freeing a block outside its area",
             });
         }
+        if area == Area::Data && self.npending >= PENDING_MAX {
+            // (Before anything changes: callers keep within PENDING_MAX, see needs_commit.)
+            return Err(Error::TxFull);
+        }
         let slot = self.bitmap_block(area, i)?;
         let bit = i % BITS_PER_BITMAP;
         let byte = HEADER_SIZE + (bit / 8) as usize;
@@ -492,9 +526,6 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
         *u = u.saturating_sub(1);
         self.sb_dirty = true;
         if area == Area::Data {
-            if self.npending >= PENDING_MAX {
-                return Err(Error::TxFull);
-            }
             let n = self.npending;
             self.cache.pending()[n] = i;
             self.npending += 1;
@@ -742,21 +773,25 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
                 r => r?,
             }
             let r = self.delete_leaf(gone);
-            if !self.guard(r)? {
-                for s in self.sb.snaps.iter_mut() {
-                    if s.flags & SNAP_DELETING != 0 {
-                        *s = SnapSlot::default();
-                    }
-                }
-                self.sb.delete_cursor = 0;
-                self.sb_dirty = true;
-                return Ok(false);
+            match self.guard(r)? {
+                DeleteLeaf::Next => continue,
+                // Commit (`needs_commit` says so), then call again.
+                DeleteLeaf::Partial => return Ok(true),
+                DeleteLeaf::Done => {}
             }
+            for s in self.sb.snaps.iter_mut() {
+                if s.flags & SNAP_DELETING != 0 {
+                    *s = SnapSlot::default();
+                }
+            }
+            self.sb.delete_cursor = 0;
+            self.sb_dirty = true;
+            return Ok(false);
         }
         Ok(true)
     }
 
-    fn delete_leaf(&mut self, gone: u64) -> Result<bool> {
+    fn delete_leaf(&mut self, gone: u64) -> Result<DeleteLeaf> {
         let cursor = self.sb.delete_cursor;
         let mut root = self.sb.root;
         let path = btree::find_leaf(self, root, cursor, false)?;
@@ -767,6 +802,13 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
             let e = btree::leaf_entry(self.cache.data(lslot), i);
             if e.chunk < cursor || e.share & gone == 0 {
                 continue;
+            }
+            if self.needs_commit() {
+                // The transaction is as full as one operation may leave it (each entry
+                // dirties at most its bitmap block besides the leaf; the prune below fits
+                // in what one operation may add): stop here, this leaf is taken up again
+                // after the commit (entries done no longer name a deleted snapshot).
+                return Ok(DeleteLeaf::Partial);
             }
             let new = e.share & !gone;
             account(&mut self.sb.snaps, e.share, new);
@@ -785,9 +827,9 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
         match path.upper {
             Some(u) => {
                 self.sb.delete_cursor = u;
-                Ok(true)
+                Ok(DeleteLeaf::Next)
             }
-            None => Ok(false),
+            None => Ok(DeleteLeaf::Done),
         }
     }
 }

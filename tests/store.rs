@@ -1199,3 +1199,84 @@ fn alloc_after_reopen_of_full_store() {
     s.commit().unwrap();
     let _ = s.close().unwrap();
 }
+
+/// The deletion sweep on a fragmented store: one full leaf (169 exceptions) whose COW chunks
+/// sit in 169 different data-bitmap blocks, swept with a 64-slot cache.  Every step must stay
+/// within what one transaction (and the cache) can hold.
+#[test]
+fn delete_sweep_of_fragmented_leaf() {
+    use shsnap_core::btree;
+    use shsnap_core::exception_store::format::{get64, put64, seal, HEADER_SIZE};
+    use shsnap_core::exception_store::superblock::BITS_PER_BITMAP;
+    let n = btree::LEAF_CAP as u64;
+    let mut dev = MemDev::new((n + 2) * BITS_PER_BITMAP + 20_000);
+    let mut scratch = [0u8; BLOCK_SIZE];
+    format(
+        &mut dev,
+        &FormatParams {
+            chunk_sectors: 8,
+            store_id: 0x99,
+            uuid: [4; 16],
+            meta_blocks: 1024,
+        },
+        &mut scratch,
+    )
+    .unwrap();
+    let mut s = Store::open(dev, VecMem::new(256), sbox()).unwrap();
+    s.create_snapshot(1).unwrap();
+    s.commit().unwrap();
+    for c in 0..n {
+        assert_eq!(s.origin_write(c), Ok(OriginWrite::Copy(c)));
+    }
+    s.commit().unwrap();
+    let sb = *s.sb();
+    let (mut dev, _, _) = s.close().unwrap();
+    assert_eq!(sb.root.depth, 1);
+    let l = sb.layout;
+    // Move exception i to COW chunk i * BITS_PER_BITMAP (bit 0 of data-bitmap block i).
+    let mut leaf = dev.peek(sb.root.block);
+    assert_eq!(btree::count(&leaf) as u64, n);
+    let mut bm0 = dev.peek(l.data_bitmap_start);
+    for i in 0..n {
+        let o = HEADER_SIZE + i as usize * 24;
+        assert_eq!(get64(&leaf, o + 8), i);
+        put64(&mut leaf, o + 8, i * BITS_PER_BITMAP);
+        if i > 0 {
+            bm0[HEADER_SIZE + (i / 8) as usize] &= !(1 << (i % 8));
+            let mut bm = dev.peek(l.data_bitmap_start + i);
+            bm[HEADER_SIZE] |= 1;
+            seal(&dev, &mut bm);
+            dev.poke(l.data_bitmap_start + i, &bm);
+        }
+    }
+    seal(&dev, &mut leaf);
+    dev.poke(sb.root.block, &leaf);
+    seal(&dev, &mut bm0);
+    dev.poke(l.data_bitmap_start, &bm0);
+    check_clean(&dev);
+    // Delete the snapshot and sweep with a small cache, committing as the store asks.
+    let mut s = Store::open(dev, VecMem::new(64), sbox()).unwrap();
+    s.delete_snapshot(1).unwrap();
+    s.commit().unwrap();
+    let mut steps = 0;
+    let r = loop {
+        steps += 1;
+        match s.delete_step(4) {
+            Ok(true) if steps < 10_000 => {}
+            Ok(more) => break Ok(more),
+            Err(e) => break Err(e),
+        }
+        if let Err(e) = s.commit() {
+            break Err(e);
+        }
+    };
+    println!(
+        "delete: sweep of one leaf over {} bitmap blocks with a 64-slot cache: {:?} after {} steps",
+        n, r, steps
+    );
+    assert_eq!(r, Ok(false));
+    s.commit().unwrap();
+    assert_eq!(s.usage().data_used, 0);
+    let (dev, _, _) = s.close().unwrap();
+    check_clean(&dev);
+}
