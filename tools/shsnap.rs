@@ -83,6 +83,22 @@ enum Cmd {
         /// Snapshot id, or "origin".
         b: String,
     },
+    /// Forge one metadata structure with valid checksums (for tests: the store must refuse
+    /// or survive it); prints what was forged.  Forges home blocks: close the store first.
+    Forge {
+        /// The COW device or image (changed in place).
+        #[arg(required_unless_present = "list")]
+        dev: Option<String>,
+        /// Chooses the kind (unless --kind) and the target.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// One of the kinds --list prints.
+        #[arg(long)]
+        kind: Option<String>,
+        /// Print the kinds of forgery and exit.
+        #[arg(long)]
+        list: bool,
+    },
 }
 
 fn open(dev: &str, readonly: bool) -> Result<FileDev, ExitCode> {
@@ -121,6 +137,31 @@ struct DeltaOut {
 
 fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
     match cli.cmd {
+        Cmd::Forge {
+            dev,
+            seed,
+            kind,
+            list,
+        } => {
+            if list {
+                for (k, what) in shsnap_core::forge::KINDS {
+                    println!("{:<20} {}", k, what);
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let dev = dev.unwrap_or_default();
+            let mut d = open(&dev, false)?;
+            match shsnap_core::forge::forge(&mut d, seed, kind.as_deref()) {
+                Ok(what) => {
+                    println!("{}", what);
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("shsnap forge: {}: {}", dev, e);
+                    Err(ExitCode::from(1))
+                }
+            }
+        }
         Cmd::Format {
             chunk_sectors,
             meta_blocks,
