@@ -85,6 +85,10 @@ pub enum Error {
     CacheFull,
     /// A bad argument.
     Invalid(&'static str),
+    /// The store was opened read-only: nothing may be written.
+    ReadOnly,
+    /// The journal holds committed transactions that a read-only open cannot apply.
+    NeedsReplay,
 }
 
 impl fmt::Display for Error {
@@ -106,6 +110,8 @@ impl fmt::Display for Error {
             Error::WouldBlock => write!(f, "metadata not cached"),
             Error::CacheFull => write!(f, "metadata cache full"),
             Error::Invalid(what) => write!(f, "invalid argument: {}", what),
+            Error::ReadOnly => write!(f, "store opened read-only"),
+            Error::NeedsReplay => write!(f, "journal needs replay; activate read-write once"),
         }
     }
 }

@@ -124,6 +124,7 @@ pub struct Store<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> {
     journal: Journal,
     poisoned: Option<Error>,
     npending: usize,
+    readonly: bool,
     /// What the journal replay at open found.
     pub replay: ReplayReport,
 }
@@ -220,6 +221,7 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
             journal,
             poisoned: None,
             npending: 0,
+            readonly: false,
             replay,
         };
         s.load_state(store_id, &layout)?;
@@ -228,6 +230,41 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
         s.sb_dirty = true;
         s.commit()?;
         Ok(s)
+    }
+
+    /// Opens a store without writing anything (no replay, no dirty flag, no header): fails
+    /// with `NeedsReplay` if the journal holds transactions replay would apply.  Lookups
+    /// work; every mutation (and a commit with changes) fails with `ReadOnly`; `close`
+    /// writes nothing.
+    #[inline(never)]
+    pub fn open_readonly(mut io: D, mem: M, sb: S) -> Result<Self> {
+        let mut cache = Cache::new(mem)?;
+        let (store_id, layout) = Self::read_identity(&mut io, &mut cache)?;
+        let (journal, pending) = {
+            let (a, b) = cache.scratch2();
+            journal::needs_replay(&mut io, &layout, store_id, a, b)?
+        };
+        if pending {
+            return Err(Error::NeedsReplay);
+        }
+        let mut s = Store {
+            io,
+            cache,
+            sb,
+            sb_dirty: false,
+            journal,
+            poisoned: None,
+            npending: 0,
+            readonly: true,
+            replay: ReplayReport::default(),
+        };
+        s.load_state(store_id, &layout)?;
+        Ok(s)
+    }
+
+    /// Whether the store was opened read-only.
+    pub fn is_readonly(&self) -> bool {
+        self.readonly
     }
 
     /// Store id and layout from the (static) superblock.
@@ -256,6 +293,10 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
 
     /// Commits, marks the store clean, and checkpoints.  Returns the I/O object and memory.
     pub fn close(mut self) -> Result<(D, M, S)> {
+        if self.readonly {
+            // Nothing was changed (mutations fail): nothing to write.
+            return Ok((self.io, self.cache.into_mem(), self.sb));
+        }
         self.commit()?;
         self.sb.flags &= !SB_DIRTY;
         self.sb_dirty = true;
@@ -346,6 +387,9 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
 
     fn begin(&mut self) -> Result<()> {
         self.check_usable()?;
+        if self.readonly {
+            return Err(Error::ReadOnly);
+        }
         if self.needs_commit() {
             return Err(Error::TxFull);
         }
@@ -370,6 +414,13 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
     #[inline(never)]
     pub fn commit(&mut self) -> Result<()> {
         self.check_usable()?;
+        if self.readonly {
+            return if self.is_dirty() {
+                Err(Error::ReadOnly)
+            } else {
+                Ok(())
+            };
+        }
         if self.sb_dirty {
             self.cache.begin_op();
             let r = self.cache.get_new(&mut self.io, STATE_BLOCK);
@@ -645,6 +696,9 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
     /// Marks snapshots invalid (for example after an I/O error on their data).
     pub fn invalidate(&mut self, mask: u64) -> Result<()> {
         self.check_usable()?;
+        if self.readonly {
+            return Err(Error::ReadOnly);
+        }
         self.invalidate_mask(mask);
         Ok(())
     }
@@ -763,6 +817,9 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
     /// Releases deleted snapshots' exceptions, at most `max_leaves` leaves per call.
     /// Returns true while work remains (commit between calls when `needs_commit`).
     pub fn delete_step(&mut self, max_leaves: usize) -> Result<bool> {
+        if self.readonly {
+            return Err(Error::ReadOnly);
+        }
         let gone = self.sb.mask(SNAP_DELETING);
         if gone == 0 {
             return Ok(false);

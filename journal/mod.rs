@@ -224,16 +224,39 @@ fn check_tx(
     Ok(TxCheck::Valid(n))
 }
 
-/// Replays the journal from the header's position; returns the journal state to continue
-/// from (the header has been moved past what was replayed).
+/// Whether replay would apply a transaction (read-only open: nothing is written).  Returns
+/// the journal state as the header records it.
 #[inline(never)]
-pub fn replay(
+pub fn needs_replay(
     io: &mut impl BlockIo,
     l: &Layout,
     store_id: u64,
     d: &mut Block,
     b: &mut Block,
-) -> Result<(Journal, ReplayReport)> {
+) -> Result<(Journal, bool)> {
+    let j = read_header(io, l, store_id, d)?;
+    let pending = match check_tx(io, &j, l, store_id, j.off, j.seq, d, b)? {
+        TxCheck::End => false,
+        TxCheck::Valid(_) => true,
+        TxCheck::Torn => {
+            // As in replay: a torn transaction followed by a complete one is damage.
+            let n = get32(d, D_COUNT) as u64;
+            if let TxCheck::Valid(_) =
+                check_tx(io, &j, l, store_id, j.off + n + 1, j.seq + 1, d, b)?
+            {
+                return Err(Error::Corrupt {
+                    block: j.loc(j.off),
+                    what: "journal damaged before a later committed transaction",
+                });
+            }
+            false
+        }
+    };
+    Ok((j, pending))
+}
+
+/// The journal state the newest valid journal header records.
+fn read_header(io: &mut impl BlockIo, l: &Layout, store_id: u64, d: &mut Block) -> Result<Journal> {
     let mut best: Option<(JournalHeader, u64)> = None;
     for nr in [1u64, 2] {
         io.read_block(nr, d)?;
@@ -249,15 +272,6 @@ pub fn replay(
             what: "both journal headers are damaged",
         });
     };
-    let mut j = Journal {
-        start: l.journal_start,
-        size: l.journal_blocks,
-        off: jh.off,
-        seq: jh.seq,
-        tail: jh.off,
-        commits: 0,
-        next_header: 3 - newest,
-    };
     // Offsets and sequence numbers grow by one per block and per transaction: 2^62 of
     // either cannot be reached, so a header beyond is forged or damaged (and would overflow).
     if jh.off > JOURNAL_POS_MAX || jh.seq > JOURNAL_POS_MAX {
@@ -266,6 +280,28 @@ pub fn replay(
             what: "journal header offset or sequence out of range",
         });
     }
+    Ok(Journal {
+        start: l.journal_start,
+        size: l.journal_blocks,
+        off: jh.off,
+        seq: jh.seq,
+        tail: jh.off,
+        commits: 0,
+        next_header: 3 - newest,
+    })
+}
+
+/// Replays the journal from the header's position; returns the journal state to continue
+/// from (the header has been moved past what was replayed).
+#[inline(never)]
+pub fn replay(
+    io: &mut impl BlockIo,
+    l: &Layout,
+    store_id: u64,
+    d: &mut Block,
+    b: &mut Block,
+) -> Result<(Journal, ReplayReport)> {
+    let mut j = read_header(io, l, store_id, d)?;
     let mut rep = ReplayReport::default();
     let mut scanned = 0u64;
     while scanned < j.size {

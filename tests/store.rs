@@ -1280,3 +1280,80 @@ fn delete_sweep_of_fragmented_leaf() {
     let (dev, _, _) = s.close().unwrap();
     check_clean(&dev);
 }
+
+/// A device that panics on any write or flush (a read-only open must write nothing).
+struct NoWrite(MemDev);
+
+impl BlockIo for NoWrite {
+    fn read_block(&mut self, nr: u64, buf: &mut Block) -> Result<(), Error> {
+        self.0.read_block(nr, buf)
+    }
+    fn write_block(&mut self, nr: u64, _: &Block) -> Result<(), Error> {
+        panic!("read-only store wrote block {}", nr)
+    }
+    fn flush(&mut self) -> Result<(), Error> {
+        panic!("read-only store flushed")
+    }
+    fn write_run(&mut self, nr: u64, _: &[Block], _: bool, _: bool) -> Result<(), Error> {
+        panic!("read-only store wrote blocks from {}", nr)
+    }
+    fn size_blocks(&self) -> u64 {
+        self.0.size_blocks()
+    }
+    fn crc32c(&self, data: &[u8]) -> u32 {
+        self.0.crc32c(data)
+    }
+}
+
+#[test]
+fn open_readonly_writes_nothing() {
+    let mut sim = Sim::new(new_dev(8192));
+    for id in 1..=3 {
+        sim.create(id).unwrap();
+        for c in 0..100 {
+            sim.origin_write((c * 5 + id as u64) % CHUNKS).unwrap();
+        }
+        sim.snap_write(id, 7).unwrap();
+    }
+    sim.delete(2).unwrap(); // deleting, sweep not done
+    sim.commit().unwrap();
+    let m = sim.model.clone();
+    // Journal left to replay: refused.
+    let (dirty, _, _) = sim.store.take().unwrap().abandon();
+    let r = Store::open_readonly(NoWrite(dirty.clone()), VecMem::new(64), sbox());
+    println!("readonly: journal to replay: {:?}", r.as_ref().err());
+    assert_eq!(r.err(), Some(Error::NeedsReplay));
+    // Closed cleanly: lookups work, mutations fail, nothing is written.
+    let s = Store::open(dirty, VecMem::new(128), sbox()).unwrap();
+    let (clean, _, _) = s.close().unwrap();
+    let mut s = Store::open_readonly(NoWrite(clean), VecMem::new(64), sbox()).unwrap();
+    for (&id, content) in &m.snaps {
+        let slot = s.sb().slot_of(id).unwrap();
+        for c in 0..CHUNKS {
+            let tag = match s.lookup(c, slot, false).unwrap() {
+                Source::Origin => m.origin[c as usize],
+                Source::Cow(cow) => {
+                    let mut b = [0u8; BLOCK_SIZE];
+                    let ds = s.sb().layout.data_start;
+                    s.io().read_block(ds + cow, &mut b).unwrap();
+                    u64::from_le_bytes(b[..8].try_into().unwrap())
+                }
+            };
+            assert_eq!(tag, content[c as usize], "snapshot {} chunk {}", id, c);
+        }
+    }
+    let slot = s.sb().slot_of(1).unwrap();
+    let results = [
+        s.origin_write(3).map(|_| ()),
+        s.origin_write(CHUNKS + 5).map(|_| ()),
+        s.snapshot_write(3, slot).map(|_| ()),
+        s.create_snapshot(50).map(|_| ()),
+        s.delete_snapshot(1),
+        s.delete_step(4).map(|_| ()),
+        s.invalidate(1),
+    ];
+    println!("readonly: mutations: {:?}", results);
+    assert!(results.iter().all(|r| *r == Err(Error::ReadOnly)));
+    assert_eq!(s.commit(), Ok(()));
+    assert!(s.close().is_ok());
+}
