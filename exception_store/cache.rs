@@ -95,7 +95,8 @@ impl<M: CacheMem> Cache<M> {
     pub fn new(mut mem: M) -> Result<Self> {
         let p = mem.parts();
         let (n, nb) = (p.slots.len(), p.buckets.len());
-        if n < 64
+        // 32: what one operation on the deepest tree holds (see needs_commit), and room.
+        if n < 32
             || n >= NONE as usize
             || nb < n
             || !nb.is_power_of_two()
@@ -103,7 +104,7 @@ impl<M: CacheMem> Cache<M> {
             || p.pending.len() < 1024
         {
             return Err(Error::Invalid(
-                "cache memory: need >= 64 slots, a block each plus scratch, power-of-two buckets",
+                "cache memory: need >= 32 slots, a block each plus scratch, power-of-two buckets",
             ));
         }
         for b in p.buckets.iter_mut() {

@@ -482,9 +482,19 @@ fn power_cut(dev: &MemDev, how: u32, rng: &mut SmallRng) -> MemDev {
 /// (at a random write of the replay and header update, then recovered again) and right
 /// after a recovery (its unflushed writes dropped or torn, recovered again).
 fn recover_checked(img: &MemDev, ctx: &str, rng: &mut SmallRng, ok: &dyn Fn(&mut S) -> bool) {
+    recover_checked_cache(img, ctx, rng, ok, 128)
+}
+
+fn recover_checked_cache(
+    img: &MemDev,
+    ctx: &str,
+    rng: &mut SmallRng,
+    ok: &dyn Fn(&mut S) -> bool,
+    cache: usize,
+) {
     let (rep, _) = check::check(img.clone());
     assert!(rep.errors.is_empty(), "{}: check: {:?}", ctx, rep.errors);
-    let mut s = Store::open(img.clone(), VecMem::new(128), sbox())
+    let mut s = Store::open(img.clone(), VecMem::new(cache), sbox())
         .unwrap_or_else(|e| panic!("{}: open: {}", ctx, e));
     assert!(
         ok(&mut s),
@@ -496,7 +506,7 @@ fn recover_checked(img: &MemDev, ctx: &str, rng: &mut SmallRng, ok: &dyn Fn(&mut
     let (d, _, _) = s.abandon();
     let how = rng.gen_range(0..4);
     let img2 = power_cut(&d, how, rng);
-    let mut s = Store::open(img2, VecMem::new(128), sbox())
+    let mut s = Store::open(img2, VecMem::new(cache), sbox())
         .unwrap_or_else(|e| panic!("{}: open after a cut after recovery ({}): {}", ctx, how, e));
     assert!(
         ok(&mut s),
@@ -509,7 +519,7 @@ fn recover_checked(img: &MemDev, ctx: &str, rng: &mut SmallRng, ok: &dyn Fn(&mut
         let k = rng.gen_range(0..=open_writes);
         let dev = Shared(Rc::new(RefCell::new(img.clone())));
         dev.0.borrow_mut().fail_after_writes = Some(k);
-        if let Ok(s) = Store::open(dev.clone(), VecMem::new(128), sbox()) {
+        if let Ok(s) = Store::open(dev.clone(), VecMem::new(cache), sbox()) {
             let _ = s.abandon();
         }
         let d = dev.0.borrow().clone();
@@ -525,7 +535,7 @@ fn recover_checked(img: &MemDev, ctx: &str, rng: &mut SmallRng, ok: &dyn Fn(&mut
             how,
             rep.errors
         );
-        let mut s = Store::open(img3, VecMem::new(128), sbox()).unwrap_or_else(|e| {
+        let mut s = Store::open(img3, VecMem::new(cache), sbox()).unwrap_or_else(|e| {
             panic!(
                 "{}: open after a cut at write {} of recovery: {}",
                 ctx, k, e
@@ -1356,4 +1366,238 @@ fn open_readonly_writes_nothing() {
     assert!(results.iter().all(|r| *r == Err(Error::ReadOnly)));
     assert_eq!(s.commit(), Ok(()));
     assert!(s.close().is_ok());
+}
+
+// ---- a big store with a small cache ---------------------------------------------------
+
+const BIG_CHUNKS: u64 = 70_000;
+const BIG_CACHE: usize = 32;
+
+/// Model of the big run in terms of sources (no data is written): snapshot id -> where each
+/// chunk reads from.
+type BigModel = BTreeMap<u32, Vec<Source>>;
+
+struct Big {
+    s: S,
+    model: BigModel,
+    committed: BigModel,
+    next_id: u32,
+    next_chunk: u64,
+}
+
+impl Big {
+    fn commit(&mut self) -> Result<(), Error> {
+        self.s.commit()?;
+        self.committed = self.model.clone();
+        Ok(())
+    }
+
+    fn retry<T>(&mut self, f: impl Fn(&mut S) -> Result<T, Error>) -> Result<T, Error> {
+        if self.s.needs_commit() {
+            self.commit()?;
+        }
+        match f(&mut self.s) {
+            Err(Error::TxFull) => {
+                self.commit()?;
+                f(&mut self.s)
+            }
+            r => r,
+        }
+    }
+
+    fn step(&mut self, rng: &mut SmallRng) -> Result<(), Error> {
+        let r = rng.gen_range(0..1000);
+        let ids: Vec<u32> = self.model.keys().copied().collect();
+        if r < 800 || ids.is_empty() {
+            // Mostly new chunks in order (the tree grows to depth 3), some random ones.
+            let c = if r < 700 && self.next_chunk < BIG_CHUNKS {
+                self.next_chunk += 1;
+                self.next_chunk - 1
+            } else {
+                rng.gen_range(0..BIG_CHUNKS)
+            };
+            if let OriginWrite::Copy(cow) = self.retry(|s| s.origin_write(c))? {
+                for v in self.model.values_mut() {
+                    if v[c as usize] == Source::Origin {
+                        v[c as usize] = Source::Cow(cow);
+                    }
+                }
+            }
+        } else if r < 960 {
+            let id = ids[rng.gen_range(0..ids.len())];
+            let c = rng.gen_range(0..self.next_chunk.max(1));
+            let slot = self.s.sb().slot_of(id).unwrap();
+            if let SnapWrite::Copy { to, .. } = self.retry(|s| s.snapshot_write(c, slot))? {
+                self.model.get_mut(&id).unwrap()[c as usize] = Source::Cow(to);
+            }
+        } else if r < 970 && ids.len() < 6 && self.s.sb().snaps.iter().any(|x| x.flags == 0) {
+            self.next_id += 1;
+            let id = self.next_id;
+            self.retry(|s| s.create_snapshot(id))?;
+            self.model
+                .insert(id, vec![Source::Origin; BIG_CHUNKS as usize]);
+        } else if r < 972 && ids.len() > 3 {
+            // Snapshots 1 and 2 stay, so that the tree keeps growing.
+            let id = ids[rng.gen_range(2..ids.len())];
+            self.retry(|s| s.delete_snapshot(id))?;
+            self.model.remove(&id);
+        } else if r < 990 {
+            if self.s.needs_commit() {
+                self.commit()?;
+            }
+            self.s.delete_step(2)?;
+        } else {
+            self.commit()?;
+        }
+        Ok(())
+    }
+}
+
+fn big_dev() -> MemDev {
+    let mut dev = MemDev::new(BIG_CHUNKS + 12_000);
+    let mut scratch = [0u8; BLOCK_SIZE];
+    format(
+        &mut dev,
+        &FormatParams {
+            chunk_sectors: 8,
+            store_id: 0xb16,
+            uuid: [5; 16],
+            meta_blocks: 4096,
+        },
+        &mut scratch,
+    )
+    .unwrap();
+    dev
+}
+
+/// Runs the big workload for `steps` steps, the device failing at write `cut` (if any).
+/// Returns the run, and whether the cut was hit.
+fn big_run(seed: u64, steps: u64, cut: Option<u64>) -> (Big, bool) {
+    let mut dev = big_dev();
+    dev.fail_after_writes = cut.map(|c| dev.writes + c);
+    let s = Store::open(dev, VecMem::new(BIG_CACHE), sbox()).unwrap();
+    let mut b = Big {
+        s,
+        model: BigModel::new(),
+        committed: BigModel::new(),
+        next_id: 0,
+        next_chunk: 0,
+    };
+    let mut rng = SmallRng::seed_from_u64(seed);
+    for _ in 0..3 {
+        b.next_id += 1;
+        let id = b.next_id;
+        b.retry(|s| s.create_snapshot(id)).unwrap();
+        b.model
+            .insert(id, vec![Source::Origin; BIG_CHUNKS as usize]);
+    }
+    if b.commit().is_err() {
+        return (b, true);
+    }
+    for i in 0..steps {
+        if let Err(e) = b.step(&mut rng) {
+            if cut.is_none() {
+                panic!("big run, seed {} step {}: {}", seed, i, e);
+            }
+            return (b, true);
+        }
+    }
+    if b.commit().is_err() {
+        return (b, true);
+    }
+    (b, false)
+}
+
+fn big_verify(s: &mut S, m: &BigModel) -> Result<(), String> {
+    let mut live: Vec<u32> = (0..64)
+        .filter(|&i| s.sb().snaps[i].flags & 1 != 0)
+        .map(|i| s.sb().snaps[i].id)
+        .collect();
+    live.sort();
+    let want: Vec<u32> = m.keys().copied().collect();
+    if live != want {
+        return Err(format!("live snapshots {:?}, model {:?}", live, want));
+    }
+    for (&id, v) in m {
+        let slot = s.sb().slot_of(id).unwrap();
+        for c in 0..BIG_CHUNKS {
+            let got = s.lookup(c, slot, false).map_err(|e| e.to_string())?;
+            if got != v[c as usize] {
+                return Err(format!(
+                    "snapshot {} chunk {}: {:?}, expected {:?}",
+                    id, c, got, v[c as usize]
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A store of 50k+ exceptions (btree depth 3, internal splits) run through a 32-block cache
+/// (committed blocks evicted and written home between checkpoints), with power cuts across
+/// the whole run, during recovery, and every recovered store checked against the model.
+#[test]
+fn big_store_small_cache_power_cuts() {
+    let seed = seed("SHSNAP_BIG_SEED", 3);
+    let cuts: u64 = std::env::var("SHSNAP_BIG_CUTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(16);
+    const STEPS: u64 = 75_000;
+    let t0 = std::time::Instant::now();
+    let (mut b, hit) = big_run(seed, STEPS, None);
+    assert!(!hit);
+    let writes = b.s.io().writes - big_dev().writes;
+    let depth = b.s.sb().root.depth;
+    let m = b.model.clone();
+    big_verify(&mut b.s, &m).unwrap();
+    let (dev, _, _) = b.s.close().unwrap();
+    let (rep, _) = check::check(dev.clone());
+    assert!(
+        rep.errors.is_empty(),
+        "{:?}",
+        &rep.errors[..rep.errors.len().min(5)]
+    );
+    println!(
+        "big: {} steps, {} exceptions, depth {}, {} btree nodes, {} writes, {}-block cache, {:.1} s",
+        STEPS,
+        rep.exceptions,
+        rep.depth,
+        rep.nodes,
+        writes,
+        BIG_CACHE,
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(
+        rep.exceptions >= 50_000 && depth >= 3,
+        "{} exceptions, depth {}",
+        rep.exceptions,
+        depth
+    );
+    let mut rng = SmallRng::seed_from_u64(seed ^ 0xc07);
+    let mut done = 0;
+    for k in 0..cuts {
+        // Spread over the whole run, jittered.
+        let lo = writes * k / cuts;
+        let hi = writes * (k + 1) / cuts;
+        let cut = rng.gen_range(lo.max(1)..hi.max(lo.max(1) + 1));
+        let (b, hit) = big_run(seed, STEPS, Some(cut));
+        assert!(hit, "cut {} not reached", cut);
+        let (after_ok, in_flight) = (b.committed.clone(), b.model.clone());
+        let (dev, _, _) = b.s.abandon();
+        for how in [0, 3] {
+            let img = power_cut(&dev, how, &mut rng);
+            let ctx = format!("seed {} cut {} ({})", seed, cut, how);
+            let ok =
+                |s: &mut S| big_verify(s, &after_ok).is_ok() || big_verify(s, &in_flight).is_ok();
+            recover_checked_cache(&img, &ctx, &mut rng, &ok, BIG_CACHE);
+            done += 1;
+        }
+    }
+    println!(
+        "big: {} power cuts across {} writes (each also cut during and after recovery) recovered and verified, {:.1} s in all",
+        done,
+        writes,
+        t0.elapsed().as_secs_f64()
+    );
 }
