@@ -323,8 +323,9 @@ fn model_random_ops() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(6);
+    let first = seed("SHSNAP_MODEL_SEED", 0);
     let mut total = 0u64;
-    for seed in 0..seeds {
+    for seed in first..first + seeds {
         let mut rng = SmallRng::seed_from_u64(seed);
         let mut sim = Sim::new(new_dev(16384));
         let mut next_id = 0;
@@ -677,9 +678,10 @@ fn crash_at_every_write() {
 #[test]
 fn crash_after_every_checkpoint() {
     const STEPS: u32 = 4000;
-    let mut rng2 = SmallRng::seed_from_u64(7);
+    let base = seed("SHSNAP_CHECKPOINT_SEED", 0);
+    let mut rng2 = SmallRng::seed_from_u64(base ^ 7);
     let mut points = 0;
-    for seed in 0..3 {
+    for seed in base..base + 3 {
         // The same workload, uninterrupted, to find the journal header writes.
         let base = new_dev(8192);
         let start = base.writes;
@@ -756,7 +758,7 @@ fn corruption_is_detected() {
         }
     }
     let mut detected = 0;
-    let mut rng = SmallRng::seed_from_u64(5);
+    let mut rng = SmallRng::seed_from_u64(seed("SHSNAP_CORRUPTION_SEED", 5));
     for &(blk, what) in &targets {
         for _ in 0..8 {
             let mut d = dev.clone();

@@ -400,8 +400,8 @@ pub fn delta(map: &ExceptionMap, a: Option<usize>, b: Option<usize>) -> Vec<(u64
     for &chunk in map.keys() {
         if source(map, chunk, a) != source(map, chunk, b) {
             match out.last_mut() {
-                Some(last) if last.1 == chunk => last.1 = chunk + 1,
-                _ => out.push((chunk, chunk + 1)),
+                Some(last) if last.1 == chunk => last.1 = chunk.saturating_add(1),
+                _ => out.push((chunk, chunk.saturating_add(1))),
             }
         }
     }
