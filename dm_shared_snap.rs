@@ -55,6 +55,7 @@ impl kernel::Module for DmSharedSnapModule {
 impl Drop for DmSharedSnapModule {
     fn drop(&mut self) {
         dm::unregister();
+        ORIGINS.free();
     }
 }
 
@@ -77,10 +78,43 @@ const TAG_READ_COUNTED: u64 = 2;
 const TAG_SNAP: u64 = 1 << 8;
 const TAG_SLOT_SHIFT: u32 = 16;
 
-static ORIGINS: Registry<Shared, 32> = Registry::new();
+/// The devices an active origin target claims: a second origin on any of them is refused,
+/// and a snapshot finds its origin by the first two.
+#[derive(PartialEq, Eq, Clone, Copy)]
+struct OriginKey {
+    /// The mapped device of the `shared-origin` table.
+    md: u32,
+    /// The origin device under it.
+    origin: u32,
+    /// The COW device.
+    cow: u32,
+}
+
+static ORIGINS: Registry<OriginKey, Shared> = Registry::new();
+
+/// A dev_t printed as dm prints devices ("major:minor").
+struct DevT(u32);
+
+impl core::fmt::Display for DevT {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{}:{}", self.0 >> 20, self.0 & 0xfffff)
+    }
+}
+
+/// What the worker may use while the origin target exists: the origin target's open
+/// devices and its dm_target (for events).  The origin's destructor takes it away under the
+/// state lock before it releases them, so whoever holds the lock and sees it may use it.
+#[derive(Clone, Copy)]
+struct Attached {
+    origin_h: DevHandle,
+    cow_h: DevHandle,
+    event: EventHandle,
+}
 
 /// Mutable per-origin state, behind the origin's lock.
 struct State {
+    /// None once the origin target is destroyed: snapshots still active then fail their I/O.
+    attached: Option<Attached>,
     store: Option<KBox<KStore>>,
     /// Why the COW device was given up (snapshots then fail; the origin keeps working).
     failed: Option<&'static str>,
@@ -93,6 +127,17 @@ struct State {
     /// A snapshot was invalidated (COW device full) and that is not committed yet: until it
     /// is, an origin write that needs no copy only because of it must wait for the commit.
     invalidation_pending: bool,
+    /// The origin is suspending or suspended: background work (the deletion sweep) waits.
+    suspended: bool,
+}
+
+impl State {
+    /// Raises a dm event on the origin (wakes `dmsetup wait`), if it still exists.
+    fn raise_event(&self) {
+        if let Some(a) = self.attached {
+            a.event.raise();
+        }
+    }
 }
 
 /// Counters reported by the `stats` message.
@@ -112,40 +157,51 @@ struct Stats {
     release_ns: u64,
 }
 
-/// What is shared between an origin target, its worker and its snapshot targets.
+/// What is shared between an origin target, its worker and its snapshot targets.  It
+/// outlives the origin target while snapshot targets hold it; it owns no device (each
+/// target holds its own), so nothing in it dangles when the origin table goes.
 pub(crate) struct Shared {
     // Dropped first: drains the worker while everything it uses is alive.
     worker: Worker,
     state: TryMutex<State>,
     copier: Copier,
     writes_inflight: Inflight,
+    /// Snapshot reads in flight (from the origin or the COW device): a batch that lets the
+    /// origin or another snapshot overwrite what such a read may be reading waits for them.
     snap_reads: Inflight,
-    event: EventHandle,
-    md_devt: u32,
+    key: OriginKey,
+    /// The table was loaded read-only: nothing is written to any device.
+    readonly: bool,
     chunk_sectors: u64,
     chunk_shift: u32,
     data_sector: u64,
+    /// Length of the origin target (the largest snapshot).
     origin_sectors: u64,
-    origin_h: DevHandle,
-    cow_h: DevHandle,
-    // Dropped last: every handle above refers to these.
-    origin: Device,
-    cow: Device,
+    /// Size of the origin device: copies of its last chunk stop there.
+    origin_dev_sectors: u64,
 }
 
 /// The `shared-origin` target.  (The issue asked for `shared-snapshot-origin`, but target
 /// type names travel in the 16-byte `dm_target_spec.target_type` of the dm ioctl ABI, so
 /// names of 16 characters or more cannot be loaded by dmsetup at all.)
 pub(crate) struct Origin {
+    // Dropped first: the devices below outlive every use the shared state makes of them.
     shared: Arc<Shared>,
+    origin: Device,
+    cow: Device,
 }
 
-/// The `shared-snapshot` target.
+/// The `shared-snapshot` target.  It opens the origin and COW devices itself (as
+/// dm-snapshot's snapshot does), so that its bios never depend on the origin table's
+/// devices, and a mounted origin and its snapshots share the claim on the origin device.
 pub(crate) struct Snapshot {
     shared: Arc<Shared>,
     slot: usize,
     id: u32,
-    origin_md: Device,
+    /// Its table, or its origin's, is read-only: writes fail.
+    readonly: bool,
+    origin: Device,
+    cow: Device,
 }
 
 fn parse_u32(s: &CStr) -> Option<u32> {
@@ -185,12 +241,25 @@ fn is_zero(b: &[u8]) -> bool {
 impl Origin {
     /// Formats the COW device if its first block is zero.
     #[inline(never)]
-    fn format_if_new(t: &Target, cow: &Device, io: &mut MetaIo, chunk: u32) -> Result {
+    fn format_if_new(
+        t: &Target,
+        cow: &Device,
+        io: &mut MetaIo,
+        chunk: u32,
+        readonly: bool,
+    ) -> Result {
         let mut buf = KVec::from_elem(0u8, BLOCK_SIZE, GFP_KERNEL)?;
         let block: &mut Block = (&mut buf[..]).try_into().map_err(|_| EINVAL)?;
         if let Err(e) = io.read_block(0, block) {
             pr_err!("{}: reading the COW superblock: {}\n", cow.name(), e);
             return Err(fail(t, c_str!("I/O error reading the COW device"), EIO));
+        }
+        if is_zero(block) && readonly {
+            return Err(fail(
+                t,
+                c_str!("COW device holds no store, and a read-only table formats nothing"),
+                EROFS,
+            ));
         }
         if is_zero(block) {
             let p = FormatParams {
@@ -214,12 +283,17 @@ impl Origin {
     }
 
     #[inline(never)]
-    fn open_store(t: &Target, cow: &Device, chunk: u32) -> Result<KBox<KStore>> {
+    fn open_store(t: &Target, cow: &Device, chunk: u32, readonly: bool) -> Result<KBox<KStore>> {
         let mut io = MetaIo::new(cow)?;
         let mem = CacheMemory::new(CACHE_BLOCKS)?;
-        Self::format_if_new(t, cow, &mut io, chunk)?;
+        Self::format_if_new(t, cow, &mut io, chunk, readonly)?;
         let sb = KBox::new(Super::empty(), GFP_KERNEL)?;
-        match Store::open(io, mem, sb) {
+        let opened = if readonly {
+            Store::open_readonly(io, mem, sb)
+        } else {
+            Store::open(io, mem, sb)
+        };
+        match opened {
             Ok(s) => {
                 if s.sb().layout.chunk_sectors != chunk {
                     pr_err!(
@@ -228,11 +302,14 @@ impl Origin {
                         s.sb().layout.chunk_sectors,
                         chunk
                     );
-                    return Err(fail(
+                    let e = fail(
                         t,
                         c_str!("chunk size differs from the one the COW device was formatted with"),
                         EINVAL,
-                    ));
+                    );
+                    // Opened read-write, the store is marked in use: close it cleanly.
+                    Self::close_store(KBox::new(s, GFP_KERNEL)?, readonly, cow.name());
+                    return Err(e);
                 }
                 if s.replay.applied > 0 {
                     pr_info!(
@@ -248,6 +325,95 @@ impl Origin {
                 let (m, e) = open_error(e);
                 Err(fail(t, m, e))
             }
+        }
+    }
+
+    /// The rest of the constructor, once the devices are claimed.
+    #[inline(never)]
+    fn construct(
+        t: &Target,
+        key: OriginKey,
+        origin: Device,
+        cow: Device,
+        chunk: u32,
+        started: u64,
+    ) -> Result<KBox<Self>> {
+        let readonly = !t.is_writable();
+        let store = Self::open_store(t, &cow, chunk, readonly)?;
+        let cache_bytes = store.mem().bytes();
+        // No split at chunk boundaries: `map` passes runs of unshared chunks whole and cuts
+        // off the first chunk of a run that needs a copy.
+        if let Err(e) = t.setup(0, 1) {
+            Self::close_store(store, readonly, cow.name());
+            return Err(fail(t, c_str!("cannot set the maximum I/O size"), e));
+        }
+        let data_sector = store.sb().layout.chunk_sector(0);
+        let nsnaps = store.sb().live_mask().count_ones();
+        let usage = store.usage();
+        let attached = Attached {
+            origin_h: origin.handle(),
+            cow_h: cow.handle(),
+            event: t.event_handle(),
+        };
+        let shared = Shared {
+            worker: Worker::new(),
+            state: TryMutex::new(State {
+                attached: Some(attached),
+                store: Some(store),
+                failed: None,
+                snap_refs: [0; MAX_SNAPSHOTS],
+                stats: Stats::default(),
+                gave_up: false,
+                invalidation_pending: false,
+                suspended: false,
+            })?,
+            copier: Copier::new()?,
+            writes_inflight: Inflight::new()?,
+            snap_reads: Inflight::new()?,
+            key,
+            readonly,
+            chunk_sectors: chunk as u64,
+            chunk_shift: chunk.trailing_zeros(),
+            data_sector,
+            origin_sectors: t.len(),
+            origin_dev_sectors: origin.sectors(),
+        };
+        // On any error below, dropping `shared` drops the store unclosed: the next
+        // activation replays its journal, as after a crash.
+        let shared = Arc::new(shared, GFP_KERNEL)?;
+        shared.worker.start(&shared)?;
+        ORIGINS.publish(&key, shared.clone());
+        pr_info!(
+            "origin {} on COW {}{}: {} snapshots, {}/{} chunks, {}/{} metadata blocks, \
+             cache {} KiB, activated in {} us\n",
+            origin.name(),
+            cow.name(),
+            if readonly { " (read-only)" } else { "" },
+            nsnaps,
+            usage.data_used,
+            usage.data_total,
+            usage.meta_used,
+            usage.meta_total,
+            cache_bytes / 1024,
+            (dm::now_ns() - started) / 1000
+        );
+        Ok(KBox::new(
+            Origin {
+                shared,
+                origin,
+                cow,
+            },
+            GFP_KERNEL,
+        )?)
+    }
+
+    /// Closes the store (commit, mark clean, checkpoint), or only drops it when the table
+    /// is read-only and must write nothing.
+    fn close_store(store: KBox<KStore>, readonly: bool, name: &CStr) {
+        if readonly {
+            drop(KBox::into_inner(store).abandon());
+        } else if let Err(e) = KBox::into_inner(store).close() {
+            pr_err!("{}: closing the exception store: {}\n", name, e);
         }
     }
 }
@@ -308,98 +474,66 @@ impl TargetOps for Origin {
                 EINVAL,
             ));
         }
-        let cow_devt = cow.devt();
-        if ORIGINS.any(|s| s.cow.devt() == cow_devt) {
+        let key = OriginKey {
+            md: t.devt(),
+            origin: origin.devt(),
+            cow: cow.devt(),
+        };
+        // Claimed before the store is opened (which may format or replay it), so that two
+        // tables can never open one store; a device already claimed as origin or COW by
+        // another origin cannot be either here.
+        let claimed = |k: &OriginKey| {
+            k.md == key.md
+                || [k.origin, k.cow].contains(&key.origin)
+                || [k.origin, k.cow].contains(&key.cow)
+        };
+        if ORIGINS.claim(key, claimed).is_err() {
             return Err(fail(
                 t,
-                c_str!("COW device is in use by another origin"),
+                c_str!("origin or COW device is in use by another shared-origin target"),
                 EBUSY,
             ));
         }
-        let store = Self::open_store(t, &cow, chunk)?;
-        let cache_bytes = store.mem().bytes();
-        // No split at chunk boundaries: `map` passes runs of unshared chunks whole and cuts
-        // off the first chunk of a run that needs a copy.
-        t.setup(0, 1)
-            .map_err(|e| fail(t, c_str!("cannot set the maximum I/O size"), e))?;
-        let data_sector = store.sb().layout.chunk_sector(0);
-        let nsnaps = store.sb().live_mask().count_ones();
-        let usage = store.usage();
-        let shared = Arc::new(
-            Shared {
-                worker: Worker::new(),
-                state: TryMutex::new(State {
-                    store: Some(store),
-                    failed: None,
-                    snap_refs: [0; MAX_SNAPSHOTS],
-                    stats: Stats::default(),
-                    gave_up: false,
-                    invalidation_pending: false,
-                })?,
-                copier: Copier::new()?,
-                writes_inflight: Inflight::new()?,
-                snap_reads: Inflight::new()?,
-                event: t.event_handle(),
-                md_devt: t.devt(),
-                chunk_sectors: chunk as u64,
-                chunk_shift: chunk.trailing_zeros(),
-                data_sector,
-                origin_sectors: t.len(),
-                origin_h: origin.handle(),
-                cow_h: cow.handle(),
-                origin,
-                cow,
-            },
-            GFP_KERNEL,
-        )?;
-        shared.worker.start(&shared)?;
-        if let Err(e) = ORIGINS.insert(shared.md_devt, shared.clone()) {
-            shared.worker.shutdown();
-            return Err(fail(
-                t,
-                c_str!("this device already has an active shared-snapshot origin"),
-                e,
-            ));
+        let r = Self::construct(t, key, origin, cow, chunk, started);
+        if r.is_err() {
+            ORIGINS.release(&key);
         }
-        pr_info!(
-            "origin {} on COW {}: {} snapshots, {}/{} chunks, {}/{} metadata blocks, cache {} KiB, \
-             activated in {} us\n",
-            shared.origin.name(),
-            shared.cow.name(),
-            nsnaps,
-            usage.data_used,
-            usage.data_total,
-            usage.meta_used,
-            usage.meta_total,
-            cache_bytes / 1024,
-            (dm::now_ns() - started) / 1000
-        );
-        Ok(KBox::new(Origin { shared }, GFP_KERNEL)?)
+        r
     }
 
     fn dtr(self: KBox<Self>, _t: &Target) {
-        let sh = &self.shared;
-        sh.worker.shutdown();
-        ORIGINS.remove(sh.md_devt);
+        let sh = &*self.shared;
+        ORIGINS.release(&sh.key);
+        // Let the worker finish what it holds while the devices are still ours.
+        sh.worker.flush();
         let mut st = sh.state.lock();
-        if let Some(store) = st.store.take() {
-            if st.failed.is_none() {
-                if let Err(e) = KBox::into_inner(store).close() {
-                    pr_err!("{}: closing the exception store: {}\n", sh.cow.name(), e);
-                }
+        // From here on, snapshots still active fail their I/O instead of reaching devices
+        // this target is about to release.
+        st.attached = None;
+        let store = st.store.take();
+        if st.failed.is_none() {
+            st.failed = Some("origin target removed");
+            if let Some(store) = store {
+                Self::close_store(store, sh.readonly, self.cow.name());
             }
         }
+        drop(st);
+        // Bios snapshots deferred meanwhile are failed by the worker (no store).
+        sh.worker.kick();
     }
 
     fn map(&self, t: &Target, mut bio: MapBio<'_>) -> MapResult {
         let sh = &*self.shared;
         bio.set_tag(0);
         let off = bio.sector() - t.begin();
+        let origin_h = self.origin.handle();
         match bio.kind() {
             BioKind::Read | BioKind::Flush => {
-                bio.remap(sh.origin_h, off);
+                bio.remap(origin_h, off);
                 MapResult::Remapped
             }
+            // The block layer lets writes through to a read-only mapped device.
+            BioKind::Write if sh.readonly => MapResult::Kill,
             BioKind::Write => {
                 let end = off + bio.sectors() as u64;
                 let chunk = off >> sh.chunk_shift;
@@ -424,7 +558,7 @@ impl TargetOps for Origin {
                         }
                         bio.set_tag(TAG_WRITE_COUNTED);
                         sh.writes_inflight.inc();
-                        bio.remap(sh.origin_h, off);
+                        bio.remap(origin_h, off);
                         return MapResult::Remapped;
                     }
                 }
@@ -434,7 +568,7 @@ impl TargetOps for Origin {
                     return MapResult::Kill;
                 }
                 // Deferred bios carry their offset in the target as sector.
-                bio.remap(sh.origin_h, off);
+                bio.remap(origin_h, off);
                 sh.worker.defer(bio.into_inner());
                 MapResult::Submitted
             }
@@ -487,8 +621,8 @@ impl TargetOps for Origin {
                 let _ = write!(
                     out,
                     "{} {} {}",
-                    sh.origin.name(),
-                    sh.cow.name(),
+                    self.origin.name(),
+                    self.cow.name(),
                     sh.chunk_sectors
                 );
             }
@@ -502,15 +636,19 @@ impl TargetOps for Origin {
         match (cmd, args.len()) {
             ("create", 2) | ("delete", 2) => {
                 let Some(id) = parse_u32(args[1]) else {
-                    pr_err!("{}: invalid snapshot id\n", sh.origin.name());
+                    pr_err!("{}: invalid snapshot id\n", self.origin.name());
                     return Err(EINVAL);
                 };
+                if sh.readonly {
+                    pr_err!("{}: read-only table: no {}\n", self.origin.name(), cmd);
+                    return Err(EROFS);
+                }
                 let mut st = sh.state.lock();
                 let st = &mut *st;
                 if st.failed.is_some() {
                     pr_err!(
                         "{}: COW device failed; snapshots unavailable\n",
-                        sh.origin.name()
+                        self.origin.name()
                     );
                     return Err(EIO);
                 }
@@ -563,36 +701,44 @@ impl TargetOps for Origin {
             }
             _ => {
                 pr_err!(
-                    "{}: unknown message (expected create <id>, delete <id> or list)\n",
-                    sh.origin.name()
+                    "{}: unknown message (expected create <id>, delete <id>, list or stats)\n",
+                    self.origin.name()
                 );
                 Err(EINVAL)
             }
         }
     }
 
+    fn presuspend(&self) {
+        // Background work stops before dm waits for the I/O in flight: the deletion sweep
+        // starts no new step until resume, and the step running now ends under the lock.
+        self.shared.state.lock().suspended = true;
+    }
+
     fn postsuspend(&self) {
         let sh = &*self.shared;
         sh.worker.flush();
         let mut st = sh.state.lock();
-        if st.failed.is_none() {
+        if st.failed.is_none() && !sh.readonly {
             if let Some(s) = st.store.as_mut() {
                 if let Err(e) = s.commit() {
-                    pr_err!("{}: commit at suspend: {}\n", sh.cow.name(), e);
+                    pr_err!("{}: commit at suspend: {}\n", self.cow.name(), e);
                 }
             }
         }
     }
 
     fn resume(&self) {
+        self.shared.state.lock().suspended = false;
         self.shared.worker.kick();
     }
 
-    fn device(&self, idx: u32) -> Option<DevHandle> {
-        // Only the origin is mapped linearly over [0, len): the COW device is addressed at
-        // arbitrary offsets and may be smaller than the origin (as in dm-snapshot).
+    fn device(&self, idx: u32) -> Option<(DevHandle, u64)> {
+        // The origin is mapped linearly over [0, len); the COW device is addressed anywhere
+        // in it, so it counts whole (it may be smaller than the origin).
         match idx {
-            0 => Some(self.shared.origin_h),
+            0 => Some((self.origin.handle(), self.shared.origin_sectors)),
+            1 => Some((self.cow.handle(), self.cow.sectors())),
             _ => None,
         }
     }
@@ -638,13 +784,13 @@ impl Shared {
     fn create(&self, store: &mut KStore, id: u32) -> Result {
         match commit_op(store, |s| s.create_snapshot(id).map(|_| ())) {
             Ok(()) => {
-                pr_info!("{}: created snapshot {}\n", self.origin.name(), id);
+                pr_info!("{}: created snapshot {}\n", DevT(self.key.origin), id);
                 Ok(())
             }
             Err(e) => {
                 pr_err!(
                     "{}: cannot create snapshot {}: {}\n",
-                    self.origin.name(),
+                    DevT(self.key.origin),
                     id,
                     e
                 );
@@ -662,7 +808,7 @@ impl Shared {
             if refs[slot] > 0 {
                 pr_err!(
                     "{}: snapshot {} has an active device; remove it first\n",
-                    self.origin.name(),
+                    DevT(self.key.origin),
                     id
                 );
                 return Err(EBUSY);
@@ -670,13 +816,13 @@ impl Shared {
         }
         match commit_op(store, |s| s.delete_snapshot(id)) {
             Ok(()) => {
-                pr_info!("{}: deleted snapshot {}\n", self.origin.name(), id);
+                pr_info!("{}: deleted snapshot {}\n", DevT(self.key.origin), id);
                 Ok(())
             }
             Err(e) => {
                 pr_err!(
                     "{}: cannot delete snapshot {}: {}\n",
-                    self.origin.name(),
+                    DevT(self.key.origin),
                     id,
                     e
                 );
@@ -702,24 +848,30 @@ impl Shared {
         }
         pr_err!(
             "{}: {} ({}); invalidating all snapshots of {}\n",
-            self.cow.name(),
+            DevT(self.key.cow),
             why,
             e,
-            self.origin.name()
+            DevT(self.key.origin)
         );
-        self.event.raise();
+        st.raise_event();
+        if self.readonly {
+            // Nothing may be written: snapshots fail until the next activation.
+            st.store = None;
+            st.failed = Some(why);
+            return;
+        }
         match st.store.take().map(|old| Self::reopen_invalidated(old)) {
             Some(Ok(b)) => {
                 pr_err!(
                     "{}: snapshots marked invalid on disk; the origin continues\n",
-                    self.cow.name()
+                    DevT(self.key.cow)
                 );
                 st.store = Some(b);
             }
             Some(Err(e2)) => {
                 pr_err!(
                     "{}: cannot record the invalidation ({}); snapshots fail until reactivation\n",
-                    self.cow.name(),
+                    DevT(self.key.cow),
                     e2
                 );
                 st.failed = Some(why);
@@ -765,10 +917,10 @@ impl Shared {
                     st.invalidation_pending = true;
                     pr_err!(
                         "{}: COW device full: invalidated snapshot slots {:#x}\n",
-                        self.cow.name(),
+                        DevT(self.key.cow),
                         mask
                     );
-                    self.event.raise();
+                    st.raise_event();
                     Ok(Action::OriginWrite(None))
                 }
                 Err(StoreError::TxFull) => Err(StoreError::TxFull),
@@ -805,10 +957,10 @@ impl Shared {
                 st.invalidation_pending = true;
                 pr_err!(
                     "{}: COW device full: snapshot slot {} invalidated\n",
-                    self.cow.name(),
+                    DevT(self.key.cow),
                     slot
                 );
-                self.event.raise();
+                st.raise_event();
                 Ok(Action::Fail(EIO))
             }
             Err(StoreError::SnapshotInvalid) | Err(StoreError::NoSuchSnapshot) => {
@@ -822,17 +974,34 @@ impl Shared {
     }
 
     /// Sends an origin write to the origin device.
-    fn submit_origin_write(&self, mut bio: Bio, off: u64) {
+    fn submit_origin_write(&self, at: &Attached, mut bio: Bio, off: u64) {
         // Counted like the writes `map` passes through: a snapshot created from now on
         // waits for it.
         bio.set_tag(TAG_WRITE_COUNTED);
         self.writes_inflight.inc();
-        bio.remap(self.origin_h, off);
+        bio.remap(at.origin_h, off);
+        bio.submit();
+    }
+
+    /// Sends a snapshot read (counted: see `snap_reads`).
+    fn submit_snap_read(&self, mut bio: Bio, dev: DevHandle, sector: u64) {
+        bio.set_tag(bio.tag() | TAG_READ_COUNTED);
+        self.snap_reads.inc();
+        bio.remap(dev, sector);
         bio.submit();
     }
 
     /// Plans, copies, commits and releases one batch.  Returns false when the queue is empty.
     fn run_batch(&self, st: &mut State) -> bool {
+        let Some(at) = st.attached else {
+            // The origin target is gone: fail what snapshots still send.
+            let mut any = false;
+            while let Some(bio) = self.worker.pop() {
+                bio.endio(EIO.to_errno());
+                any = true;
+            }
+            return any;
+        };
         st.gave_up = false;
         let t0 = dm::now_ns();
         let mut items: [Option<Item>; BATCH] = [const { None }; BATCH];
@@ -868,7 +1037,7 @@ impl Shared {
                     if st.failed.is_none() && !st.gave_up && !st.invalidation_pending =>
                 {
                     st.stats.passed += 1;
-                    self.submit_origin_write(bio, off);
+                    self.submit_origin_write(&at, bio, off);
                 }
                 Ok(action) => {
                     items[n] = Some(Item { bio, off, action });
@@ -901,17 +1070,21 @@ impl Shared {
         }
         let t1 = dm::now_ns();
         let mut copying = false;
-        let mut origin_writes = false;
+        // Whether this batch lets data that a snapshot read in flight may be reading be
+        // overwritten once it is released: an origin write, or a snapshot's write that
+        // unshares a chunk (so that the origin, or the other sharers of its COW chunk, may
+        // then write it in place without the worker).
+        let mut drain_reads = false;
         // Adjacent chunks going to adjacent COW chunks are copied as one run.
         let mut run: Option<(DevHandle, u64, u64, u64)> = None;
         for it in items[..n].iter().flatten() {
             let chunk = self.chunk_of(it.off);
             let copy = match it.action {
                 Action::OriginWrite(c) => {
-                    origin_writes = true;
+                    drain_reads = true;
                     c.map(|c| {
                         (
-                            self.origin_h,
+                            at.origin_h,
                             chunk << self.chunk_shift,
                             self.cow_sector(c, 0),
                         )
@@ -920,39 +1093,53 @@ impl Shared {
                 Action::SnapWrite {
                     dst,
                     from: Some(src),
-                } => Some(match src {
-                    Source::Origin => (
-                        self.origin_h,
-                        chunk << self.chunk_shift,
-                        self.cow_sector(dst, 0),
-                    ),
-                    Source::Cow(c) => (self.cow_h, self.cow_sector(c, 0), self.cow_sector(dst, 0)),
-                }),
+                } => {
+                    drain_reads = true;
+                    Some(match src {
+                        Source::Origin => (
+                            at.origin_h,
+                            chunk << self.chunk_shift,
+                            self.cow_sector(dst, 0),
+                        ),
+                        Source::Cow(c) => {
+                            (at.cow_h, self.cow_sector(c, 0), self.cow_sector(dst, 0))
+                        }
+                    })
+                }
                 _ => None,
             };
             let Some((dev, src, dst)) = copy else {
                 continue;
             };
+            // The last chunk of an origin whose size is not a multiple of the chunk size
+            // is copied only as far as the device goes.
+            let len = if dev.same(&at.origin_h) {
+                self.chunk_sectors
+                    .min(self.origin_dev_sectors.saturating_sub(src))
+            } else {
+                self.chunk_sectors
+            };
+            if len == 0 {
+                continue;
+            }
             if st.gave_up {
                 continue;
             }
             copying = true;
             st.stats.copied_chunks += 1;
             match run.as_mut() {
-                Some((d, s, t, len)) if d.same(&dev) && *s + *len == src && *t + *len == dst => {
-                    *len += self.chunk_sectors
-                }
+                Some((d, s, t, n)) if d.same(&dev) && *s + *n == src && *t + *n == dst => *n += len,
                 _ => {
-                    if let Some((d, s, t, len)) = run.take() {
-                        self.copier.copy(d, s, self.cow_h, t, len);
+                    if let Some((d, s, t, n)) = run.take() {
+                        self.copier.copy(d, s, at.cow_h, t, n);
                         st.stats.copy_jobs += 1;
                     }
-                    run = Some((dev, src, dst, self.chunk_sectors));
+                    run = Some((dev, src, dst, len));
                 }
             }
         }
-        if let Some((d, s, t, len)) = run.take() {
-            self.copier.copy(d, s, self.cow_h, t, len);
+        if let Some((d, s, t, n)) = run.take() {
+            self.copier.copy(d, s, at.cow_h, t, n);
             st.stats.copy_jobs += 1;
         }
         st.stats.batches += 1;
@@ -978,8 +1165,8 @@ impl Shared {
                 }
             }
         }
-        if origin_writes {
-            // Snapshot reads still reading the origin must finish before it changes.
+        if drain_reads {
+            // Snapshot reads in flight must finish before what they read can change.
             self.snap_reads.wait_zero();
         }
         let t3 = dm::now_ns();
@@ -994,17 +1181,15 @@ impl Shared {
                 continue;
             };
             match action {
-                Action::OriginWrite(_) => self.submit_origin_write(bio, off),
+                Action::OriginWrite(_) => self.submit_origin_write(&at, bio, off),
                 Action::Fail(e) => bio.endio(e.to_errno()),
                 _ if failed => bio.endio(EIO.to_errno()),
-                Action::SnapRead(Source::Origin) => {
-                    bio.set_tag(bio.tag() | TAG_READ_COUNTED);
-                    self.snap_reads.inc();
-                    bio.remap(self.origin_h, off);
-                    bio.submit();
+                Action::SnapRead(Source::Origin) => self.submit_snap_read(bio, at.origin_h, off),
+                Action::SnapRead(Source::Cow(c)) => {
+                    self.submit_snap_read(bio, at.cow_h, self.cow_sector(c, off))
                 }
-                Action::SnapRead(Source::Cow(c)) | Action::SnapWrite { dst: c, .. } => {
-                    bio.remap(self.cow_h, self.cow_sector(c, off));
+                Action::SnapWrite { dst: c, .. } => {
+                    bio.remap(at.cow_h, self.cow_sector(c, off));
                     bio.submit();
                 }
             }
@@ -1019,7 +1204,7 @@ impl Shared {
 
     /// Runs one bounded step of snapshot deletion; returns true if more remains.
     fn delete_step(&self, st: &mut State) -> bool {
-        if st.failed.is_some() {
+        if st.failed.is_some() || st.suspended || self.readonly {
             return false;
         }
         let Some(s) = st.store.as_mut() else {
@@ -1077,13 +1262,16 @@ impl TargetOps for Snapshot {
         let Some(id) = parse_u32(args[1]) else {
             return Err(fail(t, c_str!("invalid snapshot id"), EINVAL));
         };
-        let origin_md = t
+        // The origin device itself (as for dm-snapshot), or, as tables written before
+        // allowed, the mapped device of its active `shared-origin` table.
+        let named = t
             .get_device(args[0])
             .map_err(|e| fail(t, c_str!("cannot open origin device"), e))?;
-        let Some(shared) = ORIGINS.get(origin_md.devt()) else {
+        let devt = named.devt();
+        let Some(shared) = ORIGINS.find(|k| k.origin == devt || k.md == devt) else {
             return Err(fail(
                 t,
-                c_str!("device is not an active shared-snapshot origin"),
+                c_str!("no active shared-origin target on this device"),
                 ENODEV,
             ));
         };
@@ -1094,28 +1282,44 @@ impl TargetOps for Snapshot {
                 EINVAL,
             ));
         }
-        let slot = {
-            let mut st = shared.state.lock();
-            if st.failed.is_some() {
-                return Err(fail(t, c_str!("the origin's COW device has failed"), EIO));
-            }
-            let Some(slot) = st.store.as_ref().and_then(|s| s.sb().slot_of(id)) else {
-                return Err(fail(t, c_str!("no such snapshot"), ENOENT));
-            };
-            st.snap_refs[slot] += 1;
-            slot
+        // Our own references to the devices the snapshot's bios go to.  The mapped origin
+        // device is not kept open: that would keep it from being mounted.
+        let origin = if devt == shared.key.origin {
+            named
+        } else {
+            drop(named);
+            t.get_device_devt(shared.key.origin)
+                .map_err(|e| fail(t, c_str!("cannot open the origin's device"), e))?
         };
+        let cow = t
+            .get_device_devt(shared.key.cow)
+            .map_err(|e| fail(t, c_str!("cannot open the origin's COW device"), e))?;
         t.setup(shared.chunk_sectors as u32, 1)
             .map_err(|e| fail(t, c_str!("cannot set the maximum I/O size"), e))?;
-        Ok(KBox::new(
+        let readonly = shared.readonly || !t.is_writable();
+        let mut snap = KBox::new(
             Snapshot {
                 shared,
-                slot,
+                slot: 0,
                 id,
-                origin_md,
+                readonly,
+                origin,
+                cow,
             },
             GFP_KERNEL,
-        )?)
+        )?;
+        // Taken last, so that no failure above leaves a reference behind.
+        let mut st = snap.shared.state.lock();
+        if st.failed.is_some() {
+            return Err(fail(t, c_str!("the origin's COW device has failed"), EIO));
+        }
+        let Some(slot) = st.store.as_ref().and_then(|s| s.sb().slot_of(id)) else {
+            return Err(fail(t, c_str!("no such snapshot"), ENOENT));
+        };
+        st.snap_refs[slot] += 1;
+        drop(st);
+        snap.slot = slot;
+        Ok(snap)
     }
 
     fn dtr(self: KBox<Self>, _t: &Target) {
@@ -1130,10 +1334,12 @@ impl TargetOps for Snapshot {
         let off = bio.sector() - t.begin();
         let kind = bio.kind();
         match kind {
+            // A snapshot's data lives on the COW device (or is the unchanged origin).
             BioKind::Flush => {
-                bio.remap(sh.cow_h, 0);
+                bio.remap(self.cow.handle(), 0);
                 return MapResult::Remapped;
             }
+            BioKind::Write if self.readonly => return MapResult::Kill,
             BioKind::Read | BioKind::Write => {}
             _ => return MapResult::Kill,
         }
@@ -1166,25 +1372,24 @@ impl TargetOps for Snapshot {
                         None
                     }
                 };
-                match fast {
-                    Some(Source::Origin) => {
-                        bio.set_tag(tag | TAG_READ_COUNTED);
-                        sh.snap_reads.inc();
-                        bio.remap(sh.origin_h, off);
-                        return MapResult::Remapped;
+                let (dev, sector) = match fast {
+                    Some(Source::Origin) => (self.origin.handle(), off),
+                    Some(Source::Cow(c)) => (self.cow.handle(), sh.cow_sector(c, off)),
+                    None => {
+                        drop(st);
+                        return self.defer(bio, off);
                     }
-                    Some(Source::Cow(c)) => {
-                        bio.remap(sh.cow_h, sh.cow_sector(c, off));
-                        return MapResult::Remapped;
-                    }
-                    None => {}
+                };
+                if kind == BioKind::Read {
+                    // Counted before the lock goes: see `Shared::snap_reads`.
+                    bio.set_tag(tag | TAG_READ_COUNTED);
+                    sh.snap_reads.inc();
                 }
+                bio.remap(dev, sector);
+                return MapResult::Remapped;
             }
         }
-        // Deferred bios carry their offset in the target as sector.
-        bio.remap(sh.origin_h, off);
-        sh.worker.defer(bio.into_inner());
-        MapResult::Submitted
+        self.defer(bio, off)
     }
 
     fn end_io(&self, bio: &BioRef) {
@@ -1209,7 +1414,7 @@ impl TargetOps for Snapshot {
                 }
             }
             StatusType::Table => {
-                let _ = write!(out, "{} {}", self.origin_md.name(), self.id);
+                let _ = write!(out, "{} {}", self.origin.name(), self.id);
             }
             StatusType::Other => {}
         }
@@ -1219,10 +1424,24 @@ impl TargetOps for Snapshot {
         Err(EINVAL)
     }
 
-    fn device(&self, idx: u32) -> Option<DevHandle> {
+    fn device(&self, idx: u32) -> Option<(DevHandle, u64)> {
+        // Reads come from the origin over [0, len) and from anywhere on the COW device,
+        // writes and flushes go to the COW device: both stack their limits (flush/FUA,
+        // logical block size).
         match idx {
-            0 => Some(self.origin_md.handle()),
+            0 => Some((self.origin.handle(), self.shared.origin_sectors)),
+            1 => Some((self.cow.handle(), self.cow.sectors())),
             _ => None,
         }
+    }
+}
+
+impl Snapshot {
+    /// Hands a bio to the origin's worker (deferred bios carry their offset in the target
+    /// as sector).
+    fn defer(&self, mut bio: MapBio<'_>, off: u64) -> MapResult {
+        bio.remap(self.origin.handle(), off);
+        self.shared.worker.defer(bio.into_inner());
+        MapResult::Submitted
     }
 }

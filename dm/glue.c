@@ -49,9 +49,10 @@ static int pfx##_iterate_devices(struct dm_target *ti, iterate_devices_callout_f
 {											\
 	struct dm_dev *d;								\
 	unsigned int i;									\
+	u64 len = 0;									\
 	int r = 0;									\
-	for (i = 0; !r && (d = dmss_rust_device(ti, kind, i)); i++)			\
-		r = fn(ti, d, 0, ti->len, data);					\
+	for (i = 0; !r && (d = dmss_rust_device(ti, kind, i, &len)); i++)		\
+		r = fn(ti, d, 0, len, data);						\
 	return r;									\
 }
 

@@ -37,7 +37,7 @@ int dmss_rust_message(struct dm_target *ti, int kind, unsigned int argc, char **
 void dmss_rust_presuspend(struct dm_target *ti, int kind);
 void dmss_rust_postsuspend(struct dm_target *ti, int kind);
 void dmss_rust_resume(struct dm_target *ti, int kind);
-struct dm_dev *dmss_rust_device(struct dm_target *ti, int kind, unsigned int idx);
+struct dm_dev *dmss_rust_device(struct dm_target *ti, int kind, unsigned int idx, u64 *len);
 void dmss_rust_work(void *ctx);
 
 /* Registration. */

@@ -73,6 +73,7 @@ mod ffi {
         ) -> c_int;
         pub(super) fn dmss_ti_devt(ti: *mut DmTarget) -> u32;
         pub(super) fn dmss_ti_event(ti: *mut DmTarget);
+        pub(super) fn dmss_ti_writable(ti: *mut DmTarget) -> c_int;
         pub(super) fn dmss_get_device(
             ti: *mut DmTarget,
             path: *const c_char,
@@ -221,8 +222,10 @@ pub(crate) trait TargetOps: Sized + Send + Sync {
     fn postsuspend(&self) {}
     /// On resume.
     fn resume(&self) {}
-    /// Device `idx` used by this target (for queue limits), None past the last.
-    fn device(&self, idx: u32) -> Option<DevHandle>;
+    /// Device `idx` used by this target and the number of its sectors the target uses
+    /// from sector 0 (for queue limits: flush/FUA support, logical block size), None past
+    /// the last.
+    fn device(&self, idx: u32) -> Option<(DevHandle, u64)>;
 }
 
 /// A `struct dm_target` handed to a callback.
@@ -263,6 +266,13 @@ impl Target {
         unsafe { ffi::dmss_ti_devt(self.0.as_ptr()) }
     }
 
+    /// Whether the table was loaded read-write (`dmsetup create --readonly` loads it
+    /// read-only: the target must then write nothing).
+    pub(crate) fn is_writable(&self) -> bool {
+        // SAFETY: as in `begin`; the table's mode is fixed when it is created.
+        unsafe { ffi::dmss_ti_writable(self.0.as_ptr()) != 0 }
+    }
+
     /// A handle for raising dm events later (see [`EventHandle`]).
     pub(crate) fn event_handle(&self) -> EventHandle {
         EventHandle(self.0)
@@ -277,6 +287,41 @@ impl Target {
             Some(d) => Ok(Device { dev: d, ti: self.0 }),
             None => Err(Error::from_errno(if err < 0 { err } else { -19 })),
         }
+    }
+}
+
+impl Target {
+    /// Opens a device by its number (as "major:minor", which dm_get_device accepts).
+    pub(crate) fn get_device_devt(&self, devt: u32) -> Result<Device> {
+        let mut buf = [0u8; 24];
+        let mut w = ByteWriter {
+            buf: &mut buf,
+            len: 0,
+        };
+        fmt::Write::write_fmt(&mut w, format_args!("{}:{}", devt >> 20, devt & 0xfffff))
+            .map_err(|_| EINVAL)?;
+        let len = w.len;
+        // `buf` is zeroed and holds at most 23 bytes of digits and ':', so it ends in NUL.
+        let name = CStr::from_bytes_with_nul(&buf[..=len]).map_err(|_| EINVAL)?;
+        self.get_device(name)
+    }
+}
+
+/// Formats into a byte buffer, keeping its last byte free for a terminator.
+struct ByteWriter<'a> {
+    buf: &'a mut [u8],
+    len: usize,
+}
+
+impl fmt::Write for ByteWriter<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let end = self.len + s.len();
+        if end >= self.buf.len() {
+            return Err(fmt::Error);
+        }
+        self.buf[self.len..end].copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
     }
 }
 
@@ -945,25 +990,31 @@ impl CacheMem for CacheMemory {
     }
 }
 
-/// A small global table of live objects (origins, looked up by snapshots), guarded by a C
-/// mutex shared by all registries.
-pub(crate) struct Registry<T, const N: usize> {
-    entries: UnsafeCell<[Option<(u32, kernel::sync::Arc<T>)>; N]>,
+/// A global table of live objects (origins, found by snapshots), guarded by a C mutex
+/// shared by all registries.  An entry is claimed under a key first (so that two
+/// constructors cannot both take the same devices), published when the object is ready, and
+/// released by its owner.  The table grows as needed: there is no fixed limit.
+pub(crate) struct Registry<K, T> {
+    entries: UnsafeCell<KVec<Option<(K, Option<kernel::sync::Arc<T>>)>>>,
 }
 
 // SAFETY: `entries` is only accessed under dmss_registry_lock.
-unsafe impl<T: Send + Sync, const N: usize> Sync for Registry<T, N> {}
+unsafe impl<K: Send, T: Send + Sync> Sync for Registry<K, T> {}
 
-impl<T, const N: usize> Registry<T, N> {
+impl<K: PartialEq, T> Registry<K, T> {
     /// An empty registry.
     pub(crate) const fn new() -> Self {
         Registry {
-            entries: UnsafeCell::new([const { None }; N]),
+            entries: UnsafeCell::new(KVec::new()),
         }
     }
 
-    fn with<R>(&self, f: impl FnOnce(&mut [Option<(u32, kernel::sync::Arc<T>)>; N]) -> R) -> R {
-        // SAFETY: the registry lock serialises all access to `entries`.
+    fn with<R>(
+        &self,
+        f: impl FnOnce(&mut KVec<Option<(K, Option<kernel::sync::Arc<T>>)>>) -> R,
+    ) -> R {
+        // SAFETY: the registry lock serialises all access to `entries`, so this is the only
+        // reference while `f` runs.
         unsafe {
             ffi::dmss_registry_lock();
             let r = f(&mut *self.entries.get());
@@ -972,47 +1023,53 @@ impl<T, const N: usize> Registry<T, N> {
         }
     }
 
-    /// Adds `v` under `key`; fails if the key is taken (EBUSY) or the table is full.
-    pub(crate) fn insert(&self, key: u32, v: kernel::sync::Arc<T>) -> Result {
+    /// Claims `key` unless an entry's key is `busy` for it (EBUSY), atomically.
+    pub(crate) fn claim(&self, key: K, busy: impl Fn(&K) -> bool) -> Result {
         self.with(|e| {
-            if e.iter().flatten().any(|(k, _)| *k == key) {
+            if e.iter().flatten().any(|(k, _)| busy(k)) {
                 return Err(EBUSY);
             }
             match e.iter_mut().find(|x| x.is_none()) {
-                Some(slot) => {
-                    *slot = Some((key, v));
-                    Ok(())
-                }
-                None => Err(ENOSPC),
+                Some(slot) => *slot = Some((key, None)),
+                None => e.push(Some((key, None)), GFP_KERNEL)?,
             }
+            Ok(())
         })
     }
 
-    /// Removes the entry under `key`.
-    pub(crate) fn remove(&self, key: u32) -> Option<kernel::sync::Arc<T>> {
+    /// Makes `v` visible to `find` under the claimed `key`.
+    pub(crate) fn publish(&self, key: &K, v: kernel::sync::Arc<T>) {
         self.with(|e| {
-            for x in e.iter_mut() {
-                if matches!(x, Some((k, _)) if *k == key) {
-                    return x.take().map(|(_, v)| v);
-                }
+            if let Some((_, slot)) = e.iter_mut().flatten().find(|(k, _)| k == key) {
+                *slot = Some(v);
             }
-            None
         })
     }
 
-    /// The entry under `key`.
-    pub(crate) fn get(&self, key: u32) -> Option<kernel::sync::Arc<T>> {
+    /// Releases the claim on `key` and returns its object, if published.
+    pub(crate) fn release(&self, key: &K) -> Option<kernel::sync::Arc<T>> {
+        self.with(|e| {
+            let x = e
+                .iter_mut()
+                .find(|x| matches!(x, Some((k, _)) if k == key))?;
+            x.take().and_then(|(_, v)| v)
+        })
+    }
+
+    /// Frees the table's memory (module exit: no entry is left, since every target was
+    /// destroyed before the module can go).
+    pub(crate) fn free(&self) {
+        self.with(|e| drop(core::mem::replace(e, KVec::new())));
+    }
+
+    /// The published object of the first entry whose key satisfies `f`.
+    pub(crate) fn find(&self, f: impl Fn(&K) -> bool) -> Option<kernel::sync::Arc<T>> {
         self.with(|e| {
             e.iter()
                 .flatten()
-                .find(|(k, _)| *k == key)
-                .map(|(_, v)| v.clone())
+                .find(|(k, v)| v.is_some() && f(k))
+                .and_then(|(_, v)| v.clone())
         })
-    }
-
-    /// Whether any entry satisfies `f`.
-    pub(crate) fn any(&self, f: impl Fn(&T) -> bool) -> bool {
-        self.with(|e| e.iter().flatten().any(|(_, v)| f(v)))
     }
 }
 
@@ -1208,9 +1265,16 @@ extern "C" fn dmss_rust_device(
     ti: *mut ffi::DmTarget,
     kind: c_int,
     idx: c_uint,
+    len: *mut u64,
 ) -> *mut ffi::DmDev {
-    let d = dispatch!(kind, T => ctx::<T>(ti).device(idx));
-    d.map_or(core::ptr::null_mut(), |d| d.0.as_ptr())
+    match dispatch!(kind, T => ctx::<T>(ti).device(idx)) {
+        Some((d, n)) => {
+            // SAFETY: the glue passes a pointer to a local u64.
+            unsafe { *len = n };
+            d.0.as_ptr()
+        }
+        None => core::ptr::null_mut(),
+    }
 }
 
 #[no_mangle]

@@ -129,6 +129,19 @@ fn save(dir: &str, m: &Model) {
     }
 }
 
+/// The number of `write` invocations made so far with this state directory (then one more).
+fn next_serial(dir: &str) -> u64 {
+    std::fs::create_dir_all(dir).unwrap();
+    let p = format!("{}/.serial", dir);
+    let n = std::fs::read_to_string(&p)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        + 1;
+    std::fs::write(&p, n.to_string()).unwrap();
+    n
+}
+
 fn open(dev: &str, write: bool) -> File {
     OpenOptions::new()
         .read(true)
@@ -168,8 +181,10 @@ fn main() -> ExitCode {
             align,
         } => {
             let f = open(&dev, true);
-            // Tags are unique across runs: seed and a counter.
-            let mut rng = SmallRng::seed_from_u64(seed ^ (std::process::id() as u64) << 32);
+            // Tags are unique across invocations, and replayable: the seed and a counter of
+            // the writes made with this state directory.
+            let serial = next_serial(&dir);
+            let mut rng = SmallRng::seed_from_u64(seed ^ serial << 32);
             let v = m
                 .entry(name.clone())
                 .or_insert_with(|| Some(load(&dir, &name)))

@@ -54,8 +54,8 @@ dmsetup status big
 check "list shows 64 ids" sh -c "test \$(dmsetup message big 0 list | wc -w) -eq 64"
 
 section "reads through the big tree"
-dmsetup create s0 --table "0 $SZ shared-snapshot /dev/mapper/big 0"
-dmsetup create s63 --table "0 $SZ shared-snapshot /dev/mapper/big 63"
+dmsetup create s0 --table "0 $SZ shared-snapshot $(odev big) 0"
+dmsetup create s63 --table "0 $SZ shared-snapshot $(odev big) 63"
 mapper_nodes
 check "snapshot 0 reads copied chunks from the COW device" cmp <(dd if=/dev/mapper/s0 bs=1M count=4 iflag=direct status=none) <(head -c $((4 * MiB)) /dev/zero)
 check "snapshot 63 reads copied chunks from the COW device" cmp <(dd if=/dev/mapper/s63 bs=1M count=4 iflag=direct status=none) <(head -c $((4 * MiB)) /dev/zero)

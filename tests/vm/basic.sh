@@ -38,7 +38,11 @@ bad_tables=(
     "0 $SZ shared-snapshot /dev/mapper/ss-origin notanumber"
     "0 $SZ shared-snapshot /dev/mapper/ss-origin 1 extra"
     "0 $SZ shared-snapshot /dev/mapper/ss-origin 12345"
+    "0 $SZ shared-snapshot $COW 1"
     "0 $SZ shared-snapshot $ORIGIN 1"
+    "0 $SZ shared-origin $ORIGIN /dev/ram0 16"
+    "0 $(blockdev --getsz $COW) shared-origin $COW /dev/ram0 16"
+    "0 $SZ shared-origin /dev/ram0 $COW 16"
     "0 $SZ shared-snapshot /dev/mapper/ss-origin -1"
 )
 i=0
@@ -48,6 +52,7 @@ for t in "${bad_tables[@]}"; do
     dmsetup remove ss-bad$i >/dev/null 2>&1 || true
 done
 check "each refusal logged a reason" sh -c "dmesg | grep -cE 'table: [0-9:]+: shared-(origin|snapshot): ' | awk '{exit !(\$1 >= ${#bad_tables[@]})}'"
+check "a zeroed device named by a refused second origin was not formatted" sh -c "! dd if=/dev/ram0 bs=4k count=1 status=none | tr -d '\\0' | grep -q ."
 check "origin still works after the refusals" cmp <(dd if=/dev/mapper/ss-origin bs=1M skip=3 count=4 iflag=direct status=none) /tmp/pattern
 
 section "teardown"

@@ -9,9 +9,9 @@ setup_guest
 load() { dmsetup create ho --table "0 $LEN shared-origin /dev/vda ${1:-/dev/vdb} 16" 2>/tmp/load.err; }
 unload() { for d in hs1 hs2 ho; do dmsetup remove $d >/dev/null 2>&1; done; true; }
 refused() { # description dmesg-pattern [cow]
-    dmesg -C
+    kmark
     if load "${3:-}"; then fail "$1: loaded"; unload; return; fi
-    if dmesg | grep -q "$2"; then pass "$1: refused ($(dmesg | grep -o 'shared-origin: .*' | head -1))"; else fail "$1: no '$2' in dmesg"; dmesg | tail -3; fi
+    if ksince | grep -q "$2"; then pass "$1: refused ($(ksince | grep -o 'shared-origin: .*' | head -1))"; else fail "$1: no '$2' in dmesg"; ksince | tail -3; fi
 }
 flip() { # dev block byte
     python3 -c "
@@ -39,7 +39,7 @@ mapper_nodes
 $ORACLE init origin $((LEN / 8))
 $ORACLE write origin /dev/mapper/ho --count 100 --seed 3 >/dev/null
 for i in 1 2; do dmsetup message ho 0 create $i; done
-dmsetup create hs1 --table "0 $LEN shared-snapshot /dev/mapper/ho 1"; mapper_nodes
+dmsetup create hs1 --table "0 $LEN shared-snapshot $(odev ho) 1"; mapper_nodes
 $ORACLE clone origin hs1
 $ORACLE write origin /dev/mapper/ho --count 300 --seed 4 >/dev/null
 unload
@@ -56,18 +56,18 @@ damaged() { # description block byte [block2]
     [ -n "${4:-}" ] && flip /dev/vdb $4 $3
     blockdev --flushbufs /dev/vdb
     check_fails "$1: shsnap check reports it" $SHSNAP check /dev/vdb
-    dmesg -C
+    kmark
     if load; then
         mapper_nodes
         # Loaded (the block is read lazily): I/O touching it must fail cleanly.
-        dmsetup create hs1 --table "0 $LEN shared-snapshot /dev/mapper/ho 1" 2>/dev/null && mapper_nodes
+        dmsetup create hs1 --table "0 $LEN shared-snapshot $(odev ho) 1" 2>/dev/null && mapper_nodes
         dd if=/dev/mapper/hs1 of=/dev/null bs=1M iflag=direct status=none 2>/dev/null
         $ORACLE write origin /dev/mapper/ho --count 300 --max 64 --seed 9 >/dev/null 2>&1
-        if dmesg | grep -qiE "corrupt|checksum"; then pass "$1: detected on use ($(dmesg | grep -oiE '[^:]*(corrupt|checksum)[^(]*' | head -1))"; else fail "$1: not detected"; fi
+        if ksince | grep -qiE "corrupt|checksum"; then pass "$1: detected on use ($(ksince | grep -oiE '[^:]*(corrupt|checksum)[^(]*' | head -1))"; else fail "$1: not detected"; fi
         check "$1: origin keeps serving reads" dd if=/dev/mapper/ho of=/dev/null bs=1M count=4 iflag=direct status=none
         unload
     else
-        pass "$1: load refused ($(dmesg | grep -o 'shared-origin: .*' | head -1))"
+        pass "$1: load refused ($(ksince | grep -o 'shared-origin: .*' | head -1))"
     fi
 }
 damaged "superblock" 0 200

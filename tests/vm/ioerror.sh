@@ -12,7 +12,7 @@ swap() { # dev table
 }
 up() { # cow
     dmsetup info ho >/dev/null 2>&1 || { dmsetup create ho --table "0 $LEN shared-origin /dev/mapper/orig $1 16" && mapper_nodes; } || return 1
-    dmsetup create hs1 --table "0 $LEN shared-snapshot /dev/mapper/ho 1" 2>/dev/null && mapper_nodes
+    dmsetup create hs1 --table "0 $LEN shared-snapshot $(odev ho) 1" 2>/dev/null && mapper_nodes
     true
 }
 down() { for d in hs1 ho; do timeout 60 dmsetup remove $d >/dev/null 2>&1; done; ! dmsetup info ho >/dev/null 2>&1; }

@@ -20,22 +20,38 @@ check_fails() { # the command must fail
 }
 section() { echo "== $*"; }
 
+# BAD_KMSG: the kernel log lines that fail a test.
+. "$REPO/scripts/lib.sh"
+# The whole kernel log since boot, streamed to a file (to the host when run by vm-run, so
+# that a guest that dies still leaves its log).  The ring buffer is never cleared: checks
+# that need "since now" use kmark/ksince.
+KMSG_LOG=${DMSS_RUN:-/tmp}/kmsg.log
+
 setup_guest() {
-    # Stream the kernel log to the host, so that a guest that dies still leaves its log.
-    [ -n "${DMSS_RUN:-}" ] && { dmesg -w > "$DMSS_RUN/kmsg.log" 2>&1 & }
+    dmesg -w > "$KMSG_LOG" 2>&1 &
     mountpoint -q /sys/kernel/debug || mount -t debugfs none /sys/kernel/debug 2>/dev/null || true
     [ -w /sys/kernel/debug/kmemleak ] && echo clear > /sys/kernel/debug/kmemleak
-    dmesg -C
     modprobe dm-mod 2>/dev/null || true
     insmod "$MODULE" || { echo "insmod failed"; exit 1; }
 }
 
 mapper_nodes() { dmsetup mknodes >/dev/null 2>&1 || true; }
 
+# kmark: writes a unique mark to the kernel log; ksince: the kernel log after the last mark.
+KMARK=0
+kmark() { KMARK=$((KMARK + 1)); echo "dmss-test-mark $$.$KMARK" > /dev/kmsg; }
+ksince() { dmesg | sed -n "/dmss-test-mark $$.$KMARK\$/,\$p" | tail -n +2; }
+
+# The origin device (major:minor) under the active shared-origin table $1: what snapshot
+# tables name.
+odev() { dmsetup table "$1" | awk '$3 == "shared-origin" { print $4; exit }'; }
+
 # Fails the check if the kernel log shows a bug, a warning, a lockdep report or a leak.
+# Reads the whole log since boot (the streamed file and the ring buffer).
 check_dmesg() {
     local what=${1:-dmesg clean}
-    if dmesg | grep -E 'BUG:|Oops|WARNING:|possible circular locking|possible recursive locking|INFO: task .* blocked|kernel BUG|general protection|UBSAN|KASAN|refcount_t' > /tmp/dmesg.bad; then
+    sleep 1
+    if { cat "$KMSG_LOG"; dmesg; } | grep -E "$BAD_KMSG" > /tmp/dmesg.bad; then
         fail "$what"; sed 's/^/       /' /tmp/dmesg.bad | head -20; dmesg | tail -40 | sed 's/^/       /'
     else
         pass "$what"

@@ -35,7 +35,7 @@ for k in $(seq 1 $STEPS); do
     $ORACLE write origin /dev/mapper/ho --count 6 --max 32 --disjoint --seed $k || ok=0
     # a write to the newest snapshot through its own device
     last=$(( (k - 1) / 4 * 4 + 1 ))
-    if dmsetup create hsw --table "0 $LEN shared-snapshot /dev/mapper/ho $last" 2>/dev/null; then
+    if dmsetup create hsw --table "0 $LEN shared-snapshot $(odev ho) $last" 2>/dev/null; then
         mapper_nodes
         $ORACLE write s$last /dev/mapper/hsw --count 2 --max 16 --disjoint --seed $((k + 500)) || ok=0
         fsync_dev /dev/mapper/hsw
@@ -88,7 +88,7 @@ while read -r entry name; do
             [ "$ids" = "$(cat /tmp/oracle/m$step.list)" ] || { pt_ok=0; echo "  $name: snapshots [$ids], expected [$(cat /tmp/oracle/m$step.list)]"; }
             $ORACLE verify m$step.origin /dev/mapper/rlo >/dev/null || { pt_ok=0; echo "  $name: origin differs"; }
             for s in $ids; do
-                dmsetup create rhs --table "0 $LEN shared-snapshot /dev/mapper/rho $s" && mapper_nodes
+                dmsetup create rhs --table "0 $LEN shared-snapshot $(odev rho) $s" && mapper_nodes
                 $ORACLE verify m$step.s$s /dev/mapper/rhs >/dev/null 2>&1 || { pt_ok=0; echo "  $name: snapshot $s differs"; }
                 dmsetup remove rhs
             done
@@ -102,7 +102,7 @@ while read -r entry name; do
                 $ORACLE verify m$pstep.origin /dev/mapper/rlo --alt m$nstep.origin >/dev/null 2>&1 || { pt_ok=0; echo "  entry $entry: origin neither m$pstep nor m$nstep"; }
             fi
             for s in $ids; do
-                dmsetup create rhs --table "0 $LEN shared-snapshot /dev/mapper/rho $s" && mapper_nodes
+                dmsetup create rhs --table "0 $LEN shared-snapshot $(odev rho) $s" && mapper_nodes
                 # before: its state at the previous mark, or at its creation if created since
                 ref=m$pstep.s$s; [ -e /tmp/oracle/$ref ] || ref=c$s
                 alt=m$nstep.s$s; [ -e /tmp/oracle/$alt ] || alt=$ref
@@ -140,7 +140,7 @@ $ORACLE init w.origin $((WLEN / 8))
 ok=1
 $ORACLE write w.origin /dev/mapper/ho --count $((WLEN / 512)) --max 64 --align 64 --disjoint --seed 7 || ok=0
 dmsetup message ho 0 create 1 && $ORACLE save w.origin w.s1 || ok=0
-dmsetup create hsw --table "0 $WLEN shared-snapshot /dev/mapper/ho 1" && mapper_nodes || ok=0
+dmsetup create hsw --table "0 $WLEN shared-snapshot $(odev ho) 1" && mapper_nodes || ok=0
 fsync_dev /dev/mapper/ho
 dmsetup message lw 0 mark before
 $ORACLE write w.s1 /dev/mapper/hsw --count 16 --max 2 --align 2 --disjoint --seed 8 --prev w.before || ok=0
@@ -162,7 +162,7 @@ while read -r entry; do
     dmsetup create rlo --table "0 $WLEN linear /dev/mapper/rs 0"
     dmsetup create rlc --table "0 $WCOW linear /dev/mapper/rs $WLEN"
     dmsetup create rho --table "0 $WLEN shared-origin /dev/mapper/rlo /dev/mapper/rlc 16"
-    dmsetup create rhs --table "0 $WLEN shared-snapshot /dev/mapper/rho 1"
+    dmsetup create rhs --table "0 $WLEN shared-snapshot $(odev rho) 1"
     mapper_nodes
     if ! $ORACLE verify w.origin /dev/mapper/rlo >/dev/null 2>&1; then
         bad=$((bad + 1)); echo "  entry $entry: origin differs"

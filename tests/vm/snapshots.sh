@@ -13,7 +13,7 @@ BLOCKS=$((MB * 256))
 setup_guest
 
 origin_up() { dmsetup create so --table "0 $LEN shared-origin /dev/vda /dev/vdb $CHUNK" && mapper_nodes; }
-snap_up() { dmsetup create s$1 --table "0 $LEN shared-snapshot /dev/mapper/so $1" && mapper_nodes; }
+snap_up() { dmsetup create s$1 --table "0 $LEN shared-snapshot $(odev so) $1" && mapper_nodes; }
 verify_all() { # label
     local bad=0
     $ORACLE verify origin /dev/mapper/so || bad=1
@@ -29,13 +29,19 @@ check "create origin ($MB MiB, chunk $CHUNK sectors)" origin_up
 $ORACLE init origin $BLOCKS
 check "initial writes to the origin" $ORACLE write origin /dev/mapper/so --count 200 --seed 1
 ok=1
+SEED=${SEED:-42}
+echo "  snapshot choice seed $SEED (SEED=... replays it)"
+RANDOM=$SEED
+declare -A written
 for i in $(seq 1 $NSNAP); do
     dmsetup message so 0 create $i || ok=0
     snap_up $i || ok=0
     $ORACLE clone origin s$i
     $ORACLE write origin /dev/mapper/so --count 20 --seed $((100 + i)) || ok=0
-    # write to two earlier snapshots (writable snapshots: in place, split, new exception)
-    for j in $(( (i * 7) % i + 1 )) $(( (i * 13) % i + 1 )); do
+    # write to two earlier snapshots (writable snapshots: in place, split, new exception),
+    # spread over all of them
+    for j in $(( RANDOM % i + 1 )) $(( RANDOM % i + 1 )); do
+        written[$j]=1
         $ORACLE write s$j /dev/mapper/s$j --count 4 --seed $((1000 * i + j)) || ok=0
     done
     if [ $((i % 16)) = 0 ]; then
@@ -44,6 +50,7 @@ for i in $(seq 1 $NSNAP); do
     fi
 done
 check "$NSNAP rounds of create, origin writes and snapshot writes" test $ok = 1
+check "the rounds wrote to ${#written[@]} different snapshots" test "${#written[@]}" -ge $((NSNAP / 2))
 check "every snapshot and the origin read what the oracle says" verify_all
 [ $NSNAP = 64 ] && check_fails "a 65th snapshot is refused" dmsetup message so 0 create 1000
 check_fails "a duplicate id is refused" dmsetup message so 0 create 5
