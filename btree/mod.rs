@@ -66,7 +66,8 @@ pub fn count(b: &Block) -> usize {
     get16(b, N_COUNT) as usize
 }
 
-fn set_count(b: &mut Block, n: usize) {
+/// Sets the entry count of a node (bulk builders: `shsnap-bench populate`).
+pub fn set_count(b: &mut Block, n: usize) {
     put16(b, N_COUNT, n as u16);
 }
 
@@ -100,7 +101,8 @@ pub fn leaf_entry(b: &Block, i: usize) -> Exception {
     }
 }
 
-fn set_leaf_entry(b: &mut Block, i: usize, e: &Exception) {
+/// Writes exception `i` of a leaf (the count is set apart: `set_count`).
+pub fn set_leaf_entry(b: &mut Block, i: usize, e: &Exception) {
     let o = HEADER_SIZE + i * LEAF_ENTRY;
     put64(b, o, e.chunk);
     put64(b, o + 8, e.cow);
@@ -118,7 +120,8 @@ pub fn internal_entry(b: &Block, i: usize) -> (u64, u64) {
     (get64(b, o), get64(b, o + 8))
 }
 
-fn set_internal_entry(b: &mut Block, i: usize, key: u64, child: u64) {
+/// Writes key and child of internal entry `i` (the count is set apart: `set_count`).
+pub fn set_internal_entry(b: &mut Block, i: usize, key: u64, child: u64) {
     let o = HEADER_SIZE + i * INTERNAL_ENTRY;
     put64(b, o, key);
     put64(b, o + 8, child);

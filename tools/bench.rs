@@ -3,15 +3,18 @@
 //! cost the same with 1 or 64 snapshots and grow only with log(exceptions).
 //!
 //! `shsnap-bench [EXCEPTIONS]` runs the benchmark; `shsnap-bench populate <cow-dev>
-//! <exceptions> <snapshots>` writes a store of that size to a zeroed (fresh sparse) device,
-//! for the kernel activation test: 4 KiB chunks, snapshots 0..S, origin chunks 0..E copied
-//! for all of them.  It builds the metadata in memory and writes only the metadata blocks.
+//! <exceptions> <snapshots> [options]` writes a store of that size to a device, for the
+//! kernel activation and scale tests: by default 4 KiB chunks, snapshots 0..S, origin chunks
+//! 0..E copied for all of them; options spread, fragment and share it otherwise (see
+//! `populate.rs`; `shsnap-bench populate` alone prints them).  It is built bottom-up and
+//! streamed: memory does not grow with the store, and only metadata blocks are written.
 
-use shsnap_core::exception_store::format::BlockIo;
 use shsnap_core::exception_store::format::BLOCK_SIZE;
 use shsnap_core::exception_store::superblock::Super;
 use shsnap_core::exception_store::{format, FormatParams, OriginWrite, Store};
-use shsnap_core::host::{FileDev, MemDev, VecMem};
+use shsnap_core::host::{MemDev, VecMem};
+
+mod populate;
 use std::time::Instant;
 
 fn store(exceptions: u64, snaps: u32) -> Store<MemDev, VecMem, Box<Super>> {
@@ -75,40 +78,10 @@ fn activation(exceptions: u64) {
     );
 }
 
-/// `populate <cow-dev> <exceptions> <snapshots>`: see the module comment.
-fn populate(args: &[String]) -> Result<(), String> {
-    let [path, exceptions, snaps] = args else {
-        return Err("usage: shsnap-bench populate <cow-dev> <exceptions> <snapshots>".into());
-    };
-    let exceptions: u64 = exceptions.parse().map_err(|_| "bad exception count")?;
-    let snaps: u32 = snaps.parse().map_err(|_| "bad snapshot count")?;
-    let mut file = FileDev::open(path, false).map_err(|e| format!("{}: {}", path, e))?;
-    let t = Instant::now();
-    let s = filled(MemDev::new(file.size_blocks()), exceptions, snaps, 1);
-    let (dev, _, _) = s.close().map_err(|e| format!("close: {:?}", e))?;
-    assert_eq!(dev.unflushed(), 0);
-    let mut n = 0u64;
-    for (nr, b) in dev.durable_blocks() {
-        file.write_block(nr, b)
-            .map_err(|e| format!("{}: {:?}", path, e))?;
-        n += 1;
-    }
-    file.flush().map_err(|e| format!("{}: {:?}", path, e))?;
-    println!(
-        "populate: {} exceptions shared by {} snapshots, {} metadata blocks written to {} in {:.1} s",
-        exceptions,
-        snaps,
-        n,
-        path,
-        t.elapsed().as_secs_f64()
-    );
-    Ok(())
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("populate") {
-        if let Err(e) = populate(&args[2..]) {
+        if let Err(e) = populate::populate(&args[2..]) {
             eprintln!("shsnap-bench populate: {}", e);
             std::process::exit(1);
         }

@@ -6,7 +6,7 @@ use crate::exception_store::format::*;
 use crate::exception_store::superblock::*;
 use crate::journal;
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::format;
 use std::string::String;
 use std::vec::Vec;
@@ -109,6 +109,33 @@ fn err(r: &mut Report, s: String) {
 /// Reads (replaying the journal into an overlay) and checks a store.  Returns the report and,
 /// when the tree could be read, all exceptions.
 pub fn check<D: BlockIo>(dev: D) -> (Report, Option<(Super, ExceptionMap)>) {
+    check_with(dev, true)
+}
+
+/// A set of block or chunk numbers below a known bound: one bit each (the pages of a big,
+/// sparsely used set are never touched).
+struct BitSet(Vec<u64>);
+
+impl BitSet {
+    fn new(n: u64) -> Self {
+        BitSet(std::vec![0; n.div_ceil(64) as usize])
+    }
+    /// Sets bit `i`; false if it was set already.
+    fn insert(&mut self, i: u64) -> bool {
+        let (w, m) = ((i / 64) as usize, 1u64 << (i % 64));
+        let was = self.0[w] & m != 0;
+        self.0[w] |= m;
+        !was
+    }
+    fn word(&self, w: u64) -> u64 {
+        self.0.get(w as usize).copied().unwrap_or(0)
+    }
+}
+
+/// As `check`; `keep_map`: also collect every exception (for `dump` and `delta`).  Without
+/// it, memory is a bit per metadata block and per data chunk, whatever the number of
+/// exceptions (`shsnap check` of a store of many millions of exceptions, in a small VM).
+pub fn check_with<D: BlockIo>(dev: D, keep_map: bool) -> (Report, Option<(Super, ExceptionMap)>) {
     let mut r = Report::default();
     let mut io = Overlay::new(dev);
     let mut b = [0u8; BLOCK_SIZE];
@@ -178,8 +205,8 @@ pub fn check<D: BlockIo>(dev: D) -> (Report, Option<(Super, ExceptionMap)>) {
     }
     // Walk the tree: (block, level, low key, high key (exclusive, None = unbounded)).
     let mut map = ExceptionMap::new();
-    let mut meta_refs: HashSet<u64> = HashSet::new();
-    let mut data_refs: HashSet<u64> = HashSet::new();
+    let mut meta_refs = BitSet::new(l.meta_blocks);
+    let mut data_refs = BitSet::new(l.data_chunks);
     let mut stack = std::vec![(sb.root.block, (sb.root.depth - 1) as u16, 0u64, None::<u64>)];
     let named = sb.live_mask() | sb.mask(SNAP_DELETING);
     let mut owned = [0u64; MAX_SNAPSHOTS];
@@ -194,7 +221,7 @@ pub fn check<D: BlockIo>(dev: D) -> (Report, Option<(Super, ExceptionMap)>) {
             tree_ok = false;
             continue;
         }
-        if !meta_refs.insert(blk) {
+        if !meta_refs.insert(blk - l.meta_start) {
             err(
                 &mut r,
                 format!("block {}: btree node referenced twice", blk),
@@ -221,6 +248,9 @@ pub fn check<D: BlockIo>(dev: D) -> (Report, Option<(Super, ExceptionMap)>) {
             if n == 0 && blk != sb.root.block {
                 err(&mut r, format!("block {}: empty leaf below the root", blk));
             }
+            // Shares of the current chunk (a chunk's exceptions are all in one leaf: a leaf
+            // holds only keys of its parent's range, checked above).
+            let mut run = (u64::MAX, 0u64);
             for i in 0..n {
                 let e = btree::leaf_entry(&b, i);
                 r.exceptions += 1;
@@ -253,8 +283,24 @@ pub fn check<D: BlockIo>(dev: D) -> (Report, Option<(Super, ExceptionMap)>) {
                 if e.share.count_ones() == 1 {
                     owned[e.share.trailing_zeros() as usize] += 1;
                 }
-                let v = map.entry(e.chunk).or_default();
-                if v.iter().any(|x| x.share & e.share != 0) {
+                if run.0 != e.chunk {
+                    run = (e.chunk, 0);
+                }
+                let overlap = run.1 & e.share != 0;
+                run.1 |= e.share;
+                if keep_map {
+                    let v = map.entry(e.chunk).or_default();
+                    if v.iter().any(|x| x.share & e.share != 0) {
+                        err(
+                            &mut r,
+                            format!(
+                                "block {}: chunk {} has overlapping share bitmaps",
+                                blk, e.chunk
+                            ),
+                        );
+                    }
+                    v.push(e);
+                } else if overlap {
                     err(
                         &mut r,
                         format!(
@@ -263,7 +309,6 @@ pub fn check<D: BlockIo>(dev: D) -> (Report, Option<(Super, ExceptionMap)>) {
                         ),
                     );
                 }
-                v.push(e);
             }
         } else {
             if level as u32 + 1 > sb.root.depth {
@@ -295,62 +340,64 @@ pub fn check<D: BlockIo>(dev: D) -> (Report, Option<(Super, ExceptionMap)>) {
     }
     // Space accounting against the bitmaps.
     if tree_ok {
-        for (name, start, nbits, refs, used, base) in [
-            (
-                "metadata",
-                l.meta_bitmap_start,
-                l.meta_blocks,
-                &meta_refs,
-                sb.meta_used,
-                l.meta_start,
-            ),
-            (
-                "data",
-                l.data_bitmap_start,
-                l.data_chunks,
-                &data_refs,
-                sb.data_used,
-                0,
-            ),
+        // Bit i of the area is bit i % BITS_PER_BITMAP of bitmap block i / BITS_PER_BITMAP;
+        // BITS_PER_BITMAP is a multiple of 64, so the comparison goes a word at a time.
+        const WORDS: u64 = BITS_PER_BITMAP / 64;
+        for (name, start, nbits, refs) in [
+            ("metadata", l.meta_bitmap_start, l.meta_blocks, &meta_refs),
+            ("data", l.data_bitmap_start, l.data_chunks, &data_refs),
         ] {
+            let used = if name == "data" {
+                sb.data_used
+            } else {
+                sb.meta_used
+            };
             let mut set = 0u64;
             let mut bad = 0u64;
-            let mut cur = u64::MAX;
-            for i in 0..nbits {
-                let blk = start + i / BITS_PER_BITMAP;
-                if blk != cur {
-                    cur = blk;
-                    if io.read_block(blk, &mut b).is_err() {
-                        err(&mut r, format!("block {}: unreadable bitmap", blk));
-                        break;
-                    }
-                    if let Err(e) = check_header(&io, &b, BlockType::Bitmap, blk, sb.store_id) {
-                        err(&mut r, format!("{} bitmap: {}", name, e));
-                        break;
-                    }
+            'blocks: for j in 0..nbits.div_ceil(BITS_PER_BITMAP) {
+                let blk = start + j;
+                if io.read_block(blk, &mut b).is_err() {
+                    err(&mut r, format!("block {}: unreadable bitmap", blk));
+                    break;
                 }
-                let bit = i % BITS_PER_BITMAP;
-                let is_set = b[HEADER_SIZE + (bit / 8) as usize] & (1 << (bit % 8)) != 0;
-                if is_set {
-                    set += 1;
+                if let Err(e) = check_header(&io, &b, BlockType::Bitmap, blk, sb.store_id) {
+                    err(&mut r, format!("{} bitmap: {}", name, e));
+                    break;
                 }
-                if is_set != refs.contains(&(base + i)) {
-                    bad += 1;
-                    if bad <= 5 {
-                        err(
-                            &mut r,
-                            format!(
-                                "{} bitmap: bit {} is {} but the tree {} it",
-                                name,
-                                i,
-                                if is_set { "set" } else { "clear" },
-                                if is_set {
-                                    "does not reference"
-                                } else {
-                                    "references"
-                                }
-                            ),
-                        );
+                for w in 0..WORDS {
+                    let first = j * BITS_PER_BITMAP + w * 64;
+                    if first >= nbits {
+                        break 'blocks;
+                    }
+                    let mask = if nbits - first >= 64 {
+                        u64::MAX
+                    } else {
+                        (1u64 << (nbits - first)) - 1
+                    };
+                    let on = get64(&b, HEADER_SIZE + 8 * w as usize) & mask;
+                    set += on.count_ones() as u64;
+                    let mut diff = on ^ refs.word(first / 64);
+                    while diff != 0 {
+                        let k = diff.trailing_zeros() as u64;
+                        diff &= diff - 1;
+                        bad += 1;
+                        if bad <= 5 {
+                            let is_set = on & (1 << k) != 0;
+                            err(
+                                &mut r,
+                                format!(
+                                    "{} bitmap: bit {} is {} but the tree {} it",
+                                    name,
+                                    first + k,
+                                    if is_set { "set" } else { "clear" },
+                                    if is_set {
+                                        "does not reference"
+                                    } else {
+                                        "references"
+                                    }
+                                ),
+                            );
+                        }
                     }
                 }
             }

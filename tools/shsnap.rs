@@ -190,7 +190,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             }
         }
         Cmd::Check { json, dev } => {
-            let (r, _) = check::check(open(&dev, true)?);
+            let (r, _) = check::check_with(open(&dev, true)?, false);
             if json {
                 println!("{}", serde_json::to_string_pretty(&r).unwrap());
             } else {
