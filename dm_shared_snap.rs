@@ -175,10 +175,9 @@ pub(crate) struct Shared {
     chunk_sectors: u64,
     chunk_shift: u32,
     data_sector: u64,
-    /// Length of the origin target (the largest snapshot).
+    /// Length of the origin target: the largest snapshot, and where copies of a last,
+    /// partial chunk stop (dm keeps it a multiple of every device's logical block size).
     origin_sectors: u64,
-    /// Size of the origin device: copies of its last chunk stop there.
-    origin_dev_sectors: u64,
 }
 
 /// The `shared-origin` target.  (The issue asked for `shared-snapshot-origin`, but target
@@ -232,6 +231,12 @@ fn open_error(e: StoreError) -> (&'static CStr, Error) {
         StoreError::Invalid(_) => (c_str!("COW device too small for a store"), EINVAL),
         _ => (c_str!("cannot open the exception store"), EINVAL),
     }
+}
+
+/// The part of a COW device the store can use: whole 4 KiB blocks (what its queue limits
+/// are checked over, so that a device of an odd size stacks on a 4 KiB-sector target).
+fn store_sectors(cow: &Device) -> u64 {
+    cow.sectors() & !(exception_store::format::BLOCK_SECTORS - 1)
 }
 
 fn is_zero(b: &[u8]) -> bool {
@@ -376,18 +381,26 @@ impl Origin {
             chunk_shift: chunk.trailing_zeros(),
             data_sector,
             origin_sectors: t.len(),
-            origin_dev_sectors: origin.sectors(),
         };
         // On any error below, dropping `shared` drops the store unclosed: the next
         // activation replays its journal, as after a crash.
         let shared = Arc::new(shared, GFP_KERNEL)?;
         shared.worker.start(&shared)?;
-        ORIGINS.publish(&key, shared.clone());
+        let o = KBox::new(
+            Origin {
+                shared,
+                origin,
+                cow,
+            },
+            GFP_KERNEL,
+        )?;
+        // Visible to snapshots only now that nothing can fail any more.
+        ORIGINS.publish(&key, o.shared.clone());
         pr_info!(
             "origin {} on COW {}{}: {} snapshots, {}/{} chunks, {}/{} metadata blocks, \
              cache {} KiB, activated in {} us\n",
-            origin.name(),
-            cow.name(),
+            o.origin.name(),
+            o.cow.name(),
             if readonly { " (read-only)" } else { "" },
             nsnaps,
             usage.data_used,
@@ -397,14 +410,7 @@ impl Origin {
             cache_bytes / 1024,
             (dm::now_ns() - started) / 1000
         );
-        Ok(KBox::new(
-            Origin {
-                shared,
-                origin,
-                cow,
-            },
-            GFP_KERNEL,
-        )?)
+        Ok(o)
     }
 
     /// Closes the store (commit, mark clean, checkpoint), or only drops it when the table
@@ -503,7 +509,9 @@ impl TargetOps for Origin {
 
     fn dtr(self: KBox<Self>, _t: &Target) {
         let sh = &*self.shared;
-        ORIGINS.release(&sh.key);
+        // New snapshots cannot find this origin any more; the devices stay claimed until
+        // the store is closed, so that no other origin can open it meanwhile.
+        drop(ORIGINS.unpublish(&sh.key));
         // Let the worker finish what it holds while the devices are still ours.
         sh.worker.flush();
         let mut st = sh.state.lock();
@@ -518,6 +526,7 @@ impl TargetOps for Origin {
             }
         }
         drop(st);
+        ORIGINS.release(&sh.key);
         // Bios snapshots deferred meanwhile are failed by the worker (no store).
         sh.worker.kick();
     }
@@ -715,6 +724,10 @@ impl TargetOps for Origin {
         self.shared.state.lock().suspended = true;
     }
 
+    fn presuspend_undo(&self) {
+        self.resume();
+    }
+
     fn postsuspend(&self) {
         let sh = &*self.shared;
         sh.worker.flush();
@@ -738,10 +751,15 @@ impl TargetOps for Origin {
         // in it, so it counts whole (it may be smaller than the origin).
         match idx {
             0 => Some((self.origin.handle(), self.shared.origin_sectors)),
-            1 => Some((self.cow.handle(), self.cow.sectors())),
+            1 => Some((self.cow.handle(), store_sectors(&self.cow))),
             _ => None,
         }
     }
+}
+
+/// The snapshot slot a snapshot bio's tag names.
+fn slot_of_tag(tag: u64) -> usize {
+    ((tag >> TAG_SLOT_SHIFT) & 63) as usize
 }
 
 /// Result of planning one deferred bio.
@@ -930,7 +948,7 @@ impl Shared {
                 }
             };
         }
-        let slot = ((tag >> TAG_SLOT_SHIFT) & 63) as usize;
+        let slot = slot_of_tag(tag);
         if bio.kind() == BioKind::Read {
             return match store.lookup(chunk, slot, false) {
                 Ok(src) => Ok(Action::SnapRead(src)),
@@ -1112,10 +1130,10 @@ impl Shared {
                 continue;
             };
             // The last chunk of an origin whose size is not a multiple of the chunk size
-            // is copied only as far as the device goes.
+            // is copied only as far as the target goes (no snapshot reads beyond it).
             let len = if dev.same(&at.origin_h) {
                 self.chunk_sectors
-                    .min(self.origin_dev_sectors.saturating_sub(src))
+                    .min(self.origin_sectors.saturating_sub(src))
             } else {
                 self.chunk_sectors
             };
@@ -1152,6 +1170,9 @@ impl Shared {
             );
         }
         let t2 = dm::now_ns();
+        // An invalidated snapshot stops sharing its chunks: the origin may then write them
+        // in place (the commit below clears the flag).
+        let invalidated = st.invalidation_pending;
         if st.failed.is_none() && !st.gave_up {
             if let Some(s) = st.store.as_mut() {
                 let dirty = s.is_dirty();
@@ -1165,10 +1186,12 @@ impl Shared {
                 }
             }
         }
-        if drain_reads {
+        if drain_reads || invalidated || st.gave_up {
             // Snapshot reads in flight must finish before what they read can change.
             self.snap_reads.wait_zero();
         }
+        // Reads planned before their snapshot was invalidated in this batch fail.
+        let valid = st.store.as_ref().map_or(0, |s| s.sb().valid_mask());
         let t3 = dm::now_ns();
         let failed = st.failed.is_some() || st.gave_up;
         for it in items[..n].iter_mut() {
@@ -1184,6 +1207,9 @@ impl Shared {
                 Action::OriginWrite(_) => self.submit_origin_write(&at, bio, off),
                 Action::Fail(e) => bio.endio(e.to_errno()),
                 _ if failed => bio.endio(EIO.to_errno()),
+                Action::SnapRead(_) if valid & (1 << slot_of_tag(bio.tag())) == 0 => {
+                    bio.endio(EIO.to_errno())
+                }
                 Action::SnapRead(Source::Origin) => self.submit_snap_read(bio, at.origin_h, off),
                 Action::SnapRead(Source::Cow(c)) => {
                     self.submit_snap_read(bio, at.cow_h, self.cow_sector(c, off))
@@ -1268,7 +1294,11 @@ impl TargetOps for Snapshot {
             .get_device(args[0])
             .map_err(|e| fail(t, c_str!("cannot open origin device"), e))?;
         let devt = named.devt();
-        let Some(shared) = ORIGINS.find(|k| k.origin == devt || k.md == devt) else {
+        // The origin device first: a stacked origin may sit on another origin's mapped device.
+        let found = ORIGINS
+            .find(|k| k.origin == devt)
+            .or_else(|| ORIGINS.find(|k| k.md == devt));
+        let Some(shared) = found else {
             return Err(fail(
                 t,
                 c_str!("no active shared-origin target on this device"),
@@ -1430,7 +1460,7 @@ impl TargetOps for Snapshot {
         // logical block size).
         match idx {
             0 => Some((self.origin.handle(), self.shared.origin_sectors)),
-            1 => Some((self.cow.handle(), self.cow.sectors())),
+            1 => Some((self.cow.handle(), store_sectors(&self.cow))),
             _ => None,
         }
     }

@@ -42,6 +42,8 @@ static int pfx##_message(struct dm_target *ti, unsigned int argc, char **argv,	\
 			 char *result, unsigned int maxlen)				\
 { return dmss_rust_message(ti, kind, argc, argv, result, maxlen); }		\
 static void pfx##_presuspend(struct dm_target *ti) { dmss_rust_presuspend(ti, kind); }	\
+static void pfx##_presuspend_undo(struct dm_target *ti)				\
+{ dmss_rust_presuspend_undo(ti, kind); }						\
 static void pfx##_postsuspend(struct dm_target *ti) { dmss_rust_postsuspend(ti, kind); }	\
 static void pfx##_resume(struct dm_target *ti) { dmss_rust_resume(ti, kind); }	\
 static int pfx##_iterate_devices(struct dm_target *ti, iterate_devices_callout_fn fn,	\
@@ -64,7 +66,8 @@ DMSS_TARGET_FNS(1, snap)
 	.name = tname, .version = { 1, 0, 0 }, .module = THIS_MODULE,			\
 	.ctr = pfx##_ctr, .dtr = pfx##_dtr, .map = pfx##_map, .end_io = pfx##_end_io,	\
 	.status = pfx##_status, .message = pfx##_message,				\
-	.presuspend = pfx##_presuspend, .postsuspend = pfx##_postsuspend,		\
+	.presuspend = pfx##_presuspend, .presuspend_undo = pfx##_presuspend_undo,	\
+	.postsuspend = pfx##_postsuspend,						\
 	.resume = pfx##_resume, .iterate_devices = pfx##_iterate_devices,		\
 }
 

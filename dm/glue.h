@@ -35,6 +35,7 @@ void dmss_rust_status(struct dm_target *ti, int kind, int type, char *result, un
 int dmss_rust_message(struct dm_target *ti, int kind, unsigned int argc, char **argv,
 		      char *result, unsigned int maxlen);
 void dmss_rust_presuspend(struct dm_target *ti, int kind);
+void dmss_rust_presuspend_undo(struct dm_target *ti, int kind);
 void dmss_rust_postsuspend(struct dm_target *ti, int kind);
 void dmss_rust_resume(struct dm_target *ti, int kind);
 struct dm_dev *dmss_rust_device(struct dm_target *ti, int kind, unsigned int idx, u64 *len);

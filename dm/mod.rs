@@ -218,6 +218,9 @@ pub(crate) trait TargetOps: Sized + Send + Sync {
     fn message(&self, t: &Target, args: &[&CStr], out: &mut Output) -> Result;
     /// Before suspend.
     fn presuspend(&self) {}
+    /// The suspend that called `presuspend` was abandoned (interrupted, or the file system
+    /// could not be frozen): the target runs on as before.
+    fn presuspend_undo(&self) {}
     /// After suspend: no bio is in flight.
     fn postsuspend(&self) {}
     /// On resume.
@@ -1037,6 +1040,14 @@ impl<K: PartialEq, T> Registry<K, T> {
         })
     }
 
+    /// Hides the object under `key` from `find`; the claim stays until `release`.
+    pub(crate) fn unpublish(&self, key: &K) -> Option<kernel::sync::Arc<T>> {
+        self.with(|e| {
+            let (_, slot) = e.iter_mut().flatten().find(|(k, _)| k == key)?;
+            slot.take()
+        })
+    }
+
     /// Makes `v` visible to `find` under the claimed `key`.
     pub(crate) fn publish(&self, key: &K, v: kernel::sync::Arc<T>) {
         self.with(|e| {
@@ -1248,6 +1259,11 @@ extern "C" fn dmss_rust_message(
 #[no_mangle]
 extern "C" fn dmss_rust_presuspend(ti: *mut ffi::DmTarget, kind: c_int) {
     dispatch!(kind, T => ctx::<T>(ti).presuspend())
+}
+
+#[no_mangle]
+extern "C" fn dmss_rust_presuspend_undo(ti: *mut ffi::DmTarget, kind: c_int) {
+    dispatch!(kind, T => ctx::<T>(ti).presuspend_undo())
 }
 
 #[no_mangle]

@@ -73,6 +73,7 @@ w0=$(writes vdb)
 sleep 4
 w1=$(writes vdb)
 check "no COW write while suspended ($w0 -> $w1 write requests)" test "$w0" = "$w1"
+dmsetup reload cowd --table "0 $CSZ delay /dev/vdb 0 0" && dmsetup suspend cowd && dmsetup resume cowd
 check "resume" dmsetup resume lo
 check "the in-flight writer finished" timeout 120 sh -c "while kill -0 $wpid 2>/dev/null; do sleep 0.2; done"
 check "the in-flight reader finished" timeout 120 sh -c "while kill -0 $rpid 2>/dev/null; do sleep 0.2; done"
