@@ -9,7 +9,7 @@
 . "$(dirname "$0")/lib.sh"
 ORACLE="$REPO/target/release/shsnap-oracle --state /tmp/oracle"
 LEN=131072   # 64 MiB origin
-ROUNDS=${ROUNDS:-3}
+if [ "${EXTENDED:-0}" = 1 ]; then ROUNDS=${ROUNDS:-3}; else ROUNDS=${ROUNDS:-1}; fi
 SEED=${SEED:-1}
 echo "  seeds $SEED..$((SEED + ROUNDS - 1)) per kind (SEED=... replays)"
 setup_guest
@@ -33,7 +33,7 @@ data_start=$($SHSNAP layout /dev/vdb | awk '$1 == "data_start" {print $2}')
 dd if=/dev/vdb of=/tmp/meta.img bs=4096 count=$data_start status=none
 restore() { dd if=/tmp/meta.img of=/dev/vdb bs=4096 conv=notrunc,fsync status=none; blockdev --flushbufs /dev/vdb; }
 
-kinds=$($SHSNAP forge --list)
+kinds=$($SHSNAP forge --list | awk '{print $1}')
 check "shsnap forge lists its kinds ($(echo $kinds | wc -w))" test -n "$kinds"
 refused=0; loaded=0; bad=0
 for kind in $kinds; do

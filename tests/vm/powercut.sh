@@ -54,18 +54,34 @@ up() {
 down() { for d in hs3 hs1 hs2 ho; do timeout 60 dmsetup remove $d >/dev/null 2>&1 || dmsetup remove --force $d >/dev/null 2>&1; done; true; }
 dev_of() { case $1 in origin) echo /dev/mapper/ho ;; *) echo /dev/mapper/$1 ;; esac; }
 
+# The models as they were before step FIRST: a step saves, before it runs, only what it
+# changes (<model>.before.<k>; hs3.absent.<k> where snapshot 3 did not exist), so the state
+# of a model before FIRST is the copy saved by the first later step that changed it, or
+# the model as it is if none did.  Leaves them as <model>.try (hs3.try absent: no snapshot 3).
+state_before() {
+    local first=$1 m j
+    for m in origin hs2; do
+        j=$(awk -v f=$first -v m=$m '$1 >= f && $2 == m {print $1; exit}' /tmp/steps)
+        if [ -n "$j" ]; then $ORACLE save $m.before.$j $m.try; else $ORACLE save $m $m.try; fi
+    done
+    $ORACLE drop hs3.try 2>/dev/null
+    j=$(awk -v f=$first '$1 >= f && ($2 == "create" || $2 == "delete") {print $1; exit}' /tmp/steps)
+    if [ -n "$j" ]; then
+        [ -e /tmp/oracle/hs3.before.$j ] && $ORACLE save hs3.before.$j hs3.try
+    elif [ -e /tmp/oracle/hs3 ]; then
+        $ORACLE save hs3 hs3.try
+    fi
+    true
+}
+
 # verify_from FIRST [K]: the devices must show the models as they were before step FIRST
 # (every earlier step durable, every later one lost), except that step K (= FIRST), if
 # given, was in flight: old or new data per block, or either outcome of a create/delete.
 # On success the models are made what the devices show.
 verify_from() {
-    local first=$1 k=${2:-} kind="" m v=0 has3 exp3
+    local first=$1 k=${2:-} kind="" m has3 exp3
     [ -n "$k" ] && kind=$(awk -v k=$k '$1 == k {print $2}' /tmp/steps)
-    for m in origin hs2; do
-        [ -e /tmp/oracle/$m.before.$first ] && $ORACLE save $m.before.$first $m.try
-    done
-    $ORACLE drop hs3.try 2>/dev/null
-    [ -e /tmp/oracle/hs3.before.$first ] && $ORACLE save hs3.before.$first hs3.try
+    state_before $first
     has3=$(echo " $(dmsetup message ho 0 list) " | grep -q ' 3 ' && echo 1 || echo 0)
     exp3=$([ -e /tmp/oracle/hs3.try ] && echo 1 || echo 0)
     case "$kind" in create|delete) exp3=$has3 ;; esac
@@ -101,7 +117,40 @@ snap3=0 # whether snapshot 3 exists (its model is hs3)
 for r in $(seq 1 $ROUNDS); do
     [ $((r % 2)) = 1 ] && want=one || want=two
     layout $want || { fail "round $r: switching to $want device(s)"; continue; }
-    # The cut: "up" U seconds after the flakey table is constructed, then drop_writes.
+    up || { fail "round $r: activation"; break; }
+    # The loader.  Step k saves what it is about to change (see state_before), then
+    # records "k kind start end" once it has returned.
+    rm -f /tmp/stop /tmp/steps; touch /tmp/steps
+    (
+        k=0; s3=$snap3
+        while [ ! -e /tmp/stop ]; do
+            k=$((k + 1))
+            if [ $((k % 7)) = 0 ]; then
+                if [ $s3 = 0 ]; then
+                    kind=create; t0=$(now)
+                    dmsetup message ho 0 create 3 || exit 0
+                    t1=$(now); s3=1
+                    $ORACLE clone origin hs3
+                else
+                    kind=delete; $ORACLE save hs3 hs3.before.$k; t0=$(now)
+                    dmsetup message ho 0 delete 3 || exit 0
+                    t1=$(now); s3=0
+                    $ORACLE drop hs3
+                fi
+            else
+                if [ $((k % 4)) = 0 ]; then kind=hs2; else kind=origin; fi
+                t0=$(now)
+                $ORACLE write $kind $(dev_of $kind) --count 1 --max 32 --seed $((SEED * 100000 + r * 1000 + k)) --prev $kind.before.$k --intent $kind.intent.$k || exit 0
+                t1=$(now)
+            fi
+            echo "$k $kind $t0 $t1" >> /tmp/steps
+        done
+    ) > /dev/null 2>&1 &
+    load=$!
+    sleep 0.5
+    # The cut: U seconds after the flakey table is constructed (by the kernel's clock, with
+    # the loader running), every write is dropped.  The swap itself suspends pc for a moment;
+    # the cut comes later, with nothing suspended.
     U=$((RANDOM % 3 + 1))
     dmsetup suspend --nolockfs pc
     ta=$(now)
@@ -109,33 +158,6 @@ for r in $(seq 1 $ROUNDS); do
     tb=$(now)
     dmsetup resume pc
     cut_a=$(echo "$ta + $U" | bc); cut_b=$(echo "$tb + $U" | bc)
-    up || { fail "round $r: activation"; break; }
-    # The loader: step k saves both models as before.k (and its result as <model>.intent),
-    # then records "k kind start end" once it has returned.
-    rm -f /tmp/stop /tmp/steps
-    (
-        k=0; s3=$snap3
-        while [ ! -e /tmp/stop ]; do
-            k=$((k + 1))
-            for m in origin hs2 hs3; do [ -e /tmp/oracle/$m ] && $ORACLE save $m $m.before.$k; done
-            t0=$(now)
-            if [ $((k % 7)) = 0 ]; then
-                if [ $s3 = 0 ]; then
-                    kind=create; dmsetup message ho 0 create 3 || exit 0; s3=1
-                    $ORACLE clone origin hs3
-                else
-                    kind=delete; dmsetup message ho 0 delete 3 || exit 0; s3=0
-                    $ORACLE drop hs3
-                fi
-            else
-                if [ $((k % 4)) = 0 ]; then kind=hs2; else kind=origin; fi
-                $ORACLE write $kind $(dev_of $kind) --count 1 --max 32 --seed $((SEED * 100000 + r * 1000 + k)) --intent $kind.intent.$k || exit 0
-            fi
-            echo "$k $kind $t0 $(now)" >> /tmp/steps
-            sleep 0.05
-        done
-    ) > /dev/null 2>&1 &
-    load=$!
     # Run until a second past the cut, then tear down while still dropping.
     while [ "$(echo "$(now) < $cut_b + 1" | bc)" = 1 ]; do sleep 0.2; done
     touch /tmp/stop; wait $load 2>/dev/null
@@ -154,7 +176,7 @@ for r in $(seq 1 $ROUNDS); do
     done < /tmp/steps
     hyps="$hyps ${next:-$((lastk + 1))}:"
     up || { fail "round $r: reactivation after the cut"; break; }
-    ok=0
+    ok=0; first=${hyps# }; first=${first%%:*}; kinf=""
     for h in $hyps; do
         if verify_from "${h%:*}" "${h#*:}"; then ok=1; first=${h%:*}; kinf=${h#*:}; break; fi
     done
@@ -163,7 +185,7 @@ for r in $(seq 1 $ROUNDS); do
     snap3=$(echo " $(dmsetup message ho 0 list) " | grep -q ' 3 ' && echo 1 || echo 0)
     [ $ok = 1 ] || dmesg | tail -5
     down
-    rm -f /tmp/oracle/*.before.* /tmp/oracle/*.intent.*
+    rm -f /tmp/oracle/*.before.* /tmp/oracle/*.intent.* /tmp/oracle/*.try
     [ $ok = 1 ] || break
 done
 check "module unloads" rmmod dm_shared_snap
