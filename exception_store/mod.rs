@@ -213,18 +213,7 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
             let (a, b) = cache.scratch2();
             journal::replay(&mut io, &layout, store_id, a, b)?
         };
-        let mut s = Store {
-            io,
-            cache,
-            sb,
-            sb_dirty: false,
-            journal,
-            poisoned: None,
-            npending: 0,
-            readonly: false,
-            replay,
-        };
-        s.load_state(store_id, &layout)?;
+        let mut s = Self::loaded(io, cache, sb, journal, false, replay, store_id, &layout)?;
         s.cache.drop_clean();
         s.sb.flags |= SB_DIRTY;
         s.sb_dirty = true;
@@ -247,6 +236,27 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
         if pending {
             return Err(Error::NeedsReplay);
         }
+        let report = ReplayReport::default();
+        Self::loaded(io, cache, sb, journal, true, report, store_id, &layout)
+    }
+
+    /// Whether the store was opened read-only.
+    pub fn is_readonly(&self) -> bool {
+        self.readonly
+    }
+
+    /// The store over an opened journal, with its state block loaded.
+    #[allow(clippy::too_many_arguments)]
+    fn loaded(
+        io: D,
+        cache: Cache<M>,
+        sb: S,
+        journal: Journal,
+        readonly: bool,
+        replay: ReplayReport,
+        store_id: u64,
+        layout: &Layout,
+    ) -> Result<Self> {
         let mut s = Store {
             io,
             cache,
@@ -255,16 +265,11 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
             journal,
             poisoned: None,
             npending: 0,
-            readonly: true,
-            replay: ReplayReport::default(),
+            readonly,
+            replay,
         };
-        s.load_state(store_id, &layout)?;
+        s.load_state(store_id, layout)?;
         Ok(s)
-    }
-
-    /// Whether the store was opened read-only.
-    pub fn is_readonly(&self) -> bool {
-        self.readonly
     }
 
     /// Store id and layout from the (static) superblock.

@@ -239,16 +239,7 @@ pub fn needs_replay(
         TxCheck::End => false,
         TxCheck::Valid(_) => true,
         TxCheck::Torn => {
-            // As in replay: a torn transaction followed by a complete one is damage.
-            let n = get32(d, D_COUNT) as u64;
-            if let TxCheck::Valid(_) =
-                check_tx(io, &j, l, store_id, j.off + n + 1, j.seq + 1, d, b)?
-            {
-                return Err(Error::Corrupt {
-                    block: j.loc(j.off),
-                    what: "journal damaged before a later committed transaction",
-                });
-            }
+            torn_is_last(io, &j, l, store_id, d, b)?;
             false
         }
     };
@@ -291,6 +282,27 @@ fn read_header(io: &mut impl BlockIo, l: &Layout, store_id: u64, d: &mut Block) 
     })
 }
 
+/// A torn transaction at `j.off` (its descriptor in `d`) must be the last one: if a
+/// complete successor follows, a journal block was damaged, and stopping there would lose
+/// committed data.  (The count is at most MAX_TX_BLOCKS: check_tx checked it.)
+fn torn_is_last(
+    io: &mut impl BlockIo,
+    j: &Journal,
+    l: &Layout,
+    store_id: u64,
+    d: &mut Block,
+    b: &mut Block,
+) -> Result<()> {
+    let n = get32(d, D_COUNT) as u64;
+    if let TxCheck::Valid(_) = check_tx(io, j, l, store_id, j.off + n + 1, j.seq + 1, d, b)? {
+        return Err(Error::Corrupt {
+            block: j.loc(j.off),
+            what: "journal damaged before a later committed transaction",
+        });
+    }
+    Ok(())
+}
+
 /// Replays the journal from the header's position; returns the journal state to continue
 /// from (the header has been moved past what was replayed).
 #[inline(never)]
@@ -308,18 +320,7 @@ pub fn replay(
         match check_tx(io, &j, l, store_id, j.off, j.seq, d, b)? {
             TxCheck::End => break,
             TxCheck::Torn => {
-                // A torn transaction must be the last one: if a complete successor follows,
-                // a journal block was damaged, and stopping here would lose committed data.
-                // (n <= MAX_TX_BLOCKS: check_tx checked it before reading the images.)
-                let n = get32(d, D_COUNT) as u64;
-                if let TxCheck::Valid(_) =
-                    check_tx(io, &j, l, store_id, j.off + n + 1, j.seq + 1, d, b)?
-                {
-                    return Err(Error::Corrupt {
-                        block: j.loc(j.off),
-                        what: "journal damaged before a later committed transaction",
-                    });
-                }
+                torn_is_last(io, &j, l, store_id, d, b)?;
                 rep.torn_tail = true;
                 break;
             }
