@@ -3,7 +3,9 @@
 #   csv,<backing>,<target>,<nsnap>,<workload>,<rep>,<MB/s>
 # Targets: raw, linear (dm-linear over the origin: what any dm target costs here), shared
 # (dm-shared-snap), snapshot (dm-snapshot, one COW per snapshot), thin (dm-thin pool, thin
-# volume, thin snapshots).  Same chunk/block size for all.
+# volume, thin snapshots).  Same chunk/block size for all.  shared_prev: dm-shared-snap
+# built from an earlier revision (PREV_MODULE=<path of its .ko>, set by `PREV=<rev>
+# scripts/bench`), measured exactly as `shared`, its module swapped in for its points.
 . "$(dirname "$0")/../vm/lib.sh"
 set +u
 # Region written per point.  Big enough that fio's millisecond clock does not quantise the
@@ -17,7 +19,8 @@ CHUNK=${CHUNK:-128}                  # sectors (64 KiB: dm-thin's minimum block)
 NS=${NS:-"0 1 2 4 8 16 32 64"}
 SNAP_MAX=${SNAP_MAX:-16}             # dm-snapshot: one COW each, gets slow fast
 REPS=${REPS:-3}
-TARGETS=${TARGETS:-"raw linear shared snapshot thin"}
+PREV_MODULE=${PREV_MODULE:-}
+TARGETS=${TARGETS:-"raw linear shared${PREV_MODULE:+ shared_prev} snapshot thin"}
 WORKLOADS=${WORKLOADS:-"seq rand qd32"}
 BACKINGS=${BACKINGS:-"ram"}
 setup_guest
@@ -35,6 +38,16 @@ teardown() {
     dmsetup remove_all >/dev/null 2>&1
 }
 
+# use_module <path>: the dm-shared-snap module loaded for the next points.
+LOADED=$MODULE
+use_module() {
+    [ "$1" = "$LOADED" ] && return 0
+    teardown
+    rmmod dm_shared_snap || { echo "rmmod failed"; exit 1; }
+    insmod "$1" || { echo "insmod $1 failed"; exit 1; }
+    LOADED=$1
+}
+
 # Sectors of one dm-snapshot COW: a copy of the region plus its exception area (1/256 of
 # the data at 4 KiB chunks, less at 64 KiB) and the header.
 cow_sectors() { echo $(( R + R / 8 + 4096 )); }
@@ -50,7 +63,7 @@ setup() {
         linear)
             dmsetup create bo --table "0 $R linear $A 0" || return 1
             DEV=/dev/mapper/bo ;;
-        shared)
+        shared|shared_prev)
             dmsetup create bo --table "0 $R shared-origin $A $B $CHUNK" || return 1
             DEV=/dev/mapper/bo ;;
         snapshot)
@@ -76,7 +89,7 @@ setup() {
     dd if=/tmp/fill of=$DEV bs=1M count=$REGION_MB oflag=direct status=none || return 1
     for i in $(seq 1 $n); do
         case $t in
-            shared) dmsetup message bo 0 create $i ;;
+            shared|shared_prev) dmsetup message bo 0 create $i ;;
             snapshot)
                 dmsetup suspend bo
                 dmsetup create bs$i --table "0 $R snapshot $A /dev/mapper/bc$i P $CHUNK"
@@ -93,10 +106,11 @@ setup() {
 emit() { echo "csv,$BACKING,$1,$2,$3,$4,$5"; }
 
 # The worker's counters after a shared-snapshot point: where its time went.
-stats() { [ $1 = shared ] && echo "stats $BACKING $1 N=$2 $3: $(dmsetup message bo 0 stats)"; true; }
+stats() { [ $1 = shared -o $1 = shared_prev ] && echo "stats $BACKING $1 N=$2 $3: $(dmsetup message bo 0 stats)"; true; }
 
 run_point() { # target n rep
     local t=$1 n=$2 rep=$3 bw
+    if [ $t = shared_prev ]; then use_module "$PREV_MODULE"; else use_module "$MODULE"; fi
     for w in $WORKLOADS; do
         setup $t $n || { echo "setup $t $n failed"; return 1; }
         case $w in
@@ -149,6 +163,7 @@ for BACKING in $BACKINGS; do
     echo "backing $BACKING done $(date +%T)"
 done
 teardown
+use_module "$MODULE"
 rmmod dm_shared_snap
 check_dmesg "dmesg clean after the benchmark"
 finish

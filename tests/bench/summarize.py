@@ -15,7 +15,7 @@ spread = {k: (min(v), max(v)) for k, v in pts.items()}
 backings = sorted({k[0] for k in pts})
 workloads = [w for w in ["seq_first", "seq_over", "rand_first", "rand_over", "read_after_rand", "qd32_seq_first", "qd32_rand_first"] if any(k[3] == w for k in pts)]
 ns = sorted({k[2] for k in pts})
-targets = [t for t in ["shared", "thin", "snapshot", "linear"] if any(k[1] == t for k in pts)]
+targets = [t for t in ["shared", "shared_prev", "thin", "snapshot", "linear"] if any(k[1] == t for k in pts)]
 lines = ["# Benchmark: origin throughput against the number of snapshots", "",
          "Median MB/s over repeats (min-max), and ratio to the raw device in the same run.",
          "`linear` is dm-linear over the origin (N=0 only): the cost of any dm target on this kernel.", ""]
@@ -78,6 +78,33 @@ for b in backings:
 lines.append("")
 lines.append(f"{checks['met']} checks met, {checks['missed']} missed.")
 lines.append("")
+# This module against the previous one (PREV=<rev> scripts/bench), measured in the same run:
+# every ratio of `shared` to another target moves by exactly shared/shared_prev.
+if any(k[1] == "shared_prev" for k in pts):
+    lines.append("## This module against the previous one (same VM run)")
+    lines.append("")
+    lines.append("Median MB/s of each module and their quotient; every ratio of shared-snapshot to raw, "
+                 "dm-snapshot or dm-thin moves by that quotient. A quotient below 0.90 is a loss of more "
+                 "than 10%.")
+    lines.append("")
+    lines.append("| backing | workload | N | this | previous | this / previous |")
+    lines.append("|---|---|---|---|---|---|")
+    worst = None
+    for b in backings:
+        for w in workloads:
+            for n in ns:
+                a, p = med.get((b, "shared", n, w)), med.get((b, "shared_prev", n, w))
+                if not a or not p:
+                    continue
+                q = a / p
+                if worst is None or q < worst[0]:
+                    worst = (q, b, w, n)
+                flag = " **(loss > 10%)**" if q < 0.90 else ""
+                lines.append(f"| {b} | {w} | {n} | {a:.1f} | {p:.1f} | {q:.2f}{flag} |")
+    lines.append("")
+    if worst:
+        lines.append(f"Lowest quotient: {worst[0]:.2f} ({worst[1]} {worst[2]} N={worst[3]}).")
+        lines.append("")
 # Where the worker's time goes: the `stats` message after each shared-snapshot point.
 log = os.path.join(out, "bench.log")
 if os.path.exists(log):
