@@ -18,13 +18,11 @@ use kernel::c_str;
 use kernel::prelude::*;
 use kernel::sync::Arc;
 
-#[allow(dead_code, unreachable_pub, clippy::all)]
-mod btree;
 mod dm;
 #[allow(dead_code, unreachable_pub, clippy::all)]
 mod exception_store;
 #[allow(dead_code, unreachable_pub, clippy::all)]
-mod journal;
+mod pdata;
 
 use dm::{
     Bio, BioKind, BioRef, CacheMemory, Copier, DevHandle, Device, EventHandle, Inflight, MapBio,

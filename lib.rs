@@ -1,5 +1,6 @@
 //! Userspace build of the dm-shared-snap core: the very files the kernel module compiles
-//! (`btree/`, `journal/`, `exception_store/`), plus std-only helpers for the tools and tests.
+//! (`pdata/`, the persistent-data layer, and `exception_store/` on top of it), plus std-only
+//! helpers for the tools and tests.
 #![no_std]
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -7,9 +8,8 @@
 #[cfg(feature = "std")]
 extern crate std;
 
-pub mod btree;
 pub mod exception_store;
-pub mod journal;
+pub mod pdata;
 
 #[cfg(feature = "std")]
 #[path = "tools/host.rs"]

@@ -18,8 +18,8 @@ use core::sync::atomic::{AtomicPtr, Ordering};
 use kernel::ffi::{c_char, c_int, c_uint, c_void};
 use kernel::prelude::*;
 
-use crate::exception_store::cache::{CacheMem, Parts, Slot, SCRATCH_BLOCKS};
-use crate::exception_store::format::{self as fmt_, Block, BLOCK_SECTORS, BLOCK_SIZE};
+use crate::pdata::block::{self as fmt_, Block, BLOCK_SECTORS, BLOCK_SIZE};
+use crate::pdata::cache::{CacheMem, Parts, Slot, SCRATCH_BLOCKS};
 
 mod ffi {
     use super::*;

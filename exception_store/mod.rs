@@ -9,15 +9,22 @@
 //! and retry.  An I/O error or corruption found in the middle of an operation poisons the
 //! store: nothing more is committed, and reopening replays the last committed state.
 
-pub mod cache;
+pub mod exceptions;
 pub mod format;
 pub mod superblock;
 
-use crate::btree::{self, Exception, NodeStore, Root};
-use crate::journal::{self, Journal, ReplayReport};
+/// The block cache: the kernel target and the tools supply its memory.
+pub use crate::pdata::cache;
+/// The journal (the checker reads it).
+pub use crate::pdata::journal;
+
+use crate::pdata::space_map::{self, SpaceMap, PENDING_MAX};
 use cache::{Cache, CacheMem};
 use core::ops::DerefMut;
+use exceptions as btree;
+use exceptions::{Exception, NodeStore, Root};
 use format::*;
+use journal::{Journal, ReplayReport};
 use superblock::*;
 
 /// Most blocks one operation can dirty or hold in a tree of `depth` levels (the path, a
@@ -31,8 +38,6 @@ const fn op_max_dirty(depth: u32) -> usize {
     };
     2 * d + 10
 }
-/// Data chunks freed in one transaction (they may not be reused before it commits).
-const PENDING_MAX: usize = 1024;
 
 /// How far one step of the deletion sweep got.
 enum DeleteLeaf {
@@ -147,34 +152,29 @@ pub fn format(io: &mut impl BlockIo, p: &FormatParams, scratch: &mut Block) -> R
     }
     let l = Layout::compute(io.size_blocks(), p.chunk_sectors, p.meta_blocks)?;
     // Bitmaps: all clear but the root leaf (first metadata block).
-    for (start, n) in [
-        (l.meta_bitmap_start, l.meta_bitmap_blocks),
-        (l.data_bitmap_start, l.data_bitmap_blocks),
-    ] {
-        for i in 0..n {
-            scratch.fill(0);
-            init_header(scratch, BlockType::Bitmap, start + i, p.store_id);
-            if start == l.meta_bitmap_start && i == 0 {
-                scratch[HEADER_SIZE] = 1;
-            }
-            seal(io, scratch);
-            io.write_block(start + i, scratch)?;
-        }
-    }
+    space_map::format(
+        io,
+        l.meta_bitmap_start,
+        l.meta_bitmap_blocks,
+        1,
+        p.store_id,
+        scratch,
+    )?;
+    space_map::format(
+        io,
+        l.data_bitmap_start,
+        l.data_bitmap_blocks,
+        0,
+        p.store_id,
+        scratch,
+    )?;
     scratch.fill(0);
     init_header(scratch, BlockType::Leaf, l.meta_start, p.store_id);
     btree::init_node(scratch, 0);
     seal(io, scratch);
     io.write_block(l.meta_start, scratch)?;
     // Invalidate whatever journal was there before.
-    scratch.fill(0);
-    for i in 0..l.journal_blocks {
-        io.write_block(l.journal_start + i, scratch)?;
-    }
-    for nr in [1, 2] {
-        JournalHeader { off: 0, seq: 1 }.encode(io, p.store_id, nr, scratch);
-        io.write_block(nr, scratch)?;
-    }
+    journal::format(io, l.journal_region(), p.store_id, scratch)?;
     let sb = Super {
         store_id: p.store_id,
         uuid: p.uuid,
@@ -211,7 +211,8 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
         let (store_id, layout) = Self::read_identity(&mut io, &mut cache)?;
         let (journal, replay) = {
             let (a, b) = cache.scratch2();
-            journal::replay(&mut io, &layout, store_id, a, b)?
+            let home_ok = |b| layout.is_journalable(b);
+            journal::replay(&mut io, layout.journal_region(), home_ok, store_id, a, b)?
         };
         let mut s = Self::loaded(io, cache, sb, journal, false, replay, store_id, &layout)?;
         s.cache.drop_clean();
@@ -231,7 +232,8 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
         let (store_id, layout) = Self::read_identity(&mut io, &mut cache)?;
         let (journal, pending) = {
             let (a, b) = cache.scratch2();
-            journal::needs_replay(&mut io, &layout, store_id, a, b)?
+            let home_ok = |b| layout.is_journalable(b);
+            journal::needs_replay(&mut io, layout.journal_region(), home_ok, store_id, a, b)?
         };
         if pending {
             return Err(Error::NeedsReplay);
@@ -446,146 +448,66 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
 
     // ---- allocation ----------------------------------------------------------------------
 
-    fn bitmap_block(&mut self, area: Area, i: u64) -> Result<usize> {
-        self.bitmap_block_at(area, i, true)
-    }
-
-    /// The bitmap block holding bit `i`; `pin`: protect it from eviction for the operation.
-    fn bitmap_block_at(&mut self, area: Area, i: u64, pin: bool) -> Result<usize> {
+    /// The space map of `area`, as the state block and the open transaction leave it.
+    fn space_map(&self, area: Area) -> SpaceMap {
         let l = &self.sb.layout;
-        let blk = match area {
-            Area::Meta => l.meta_bitmap_start,
-            Area::Data => l.data_bitmap_start,
-        } + i / BITS_PER_BITMAP;
-        let (slot, fresh) = if pin {
-            self.cache.get(&mut self.io, blk, false)?
-        } else {
-            self.cache.get_unpinned(&mut self.io, blk)?
+        let (bitmap_start, size, used, deferred) = match area {
+            Area::Meta => (l.meta_bitmap_start, l.meta_blocks, self.sb.meta_used, None),
+            Area::Data => (
+                l.data_bitmap_start,
+                l.data_chunks,
+                self.sb.data_used,
+                Some(self.npending),
+            ),
         };
-        if fresh {
-            if let Err(e) = check_header(
-                &self.io,
-                self.cache.data(slot),
-                BlockType::Bitmap,
-                blk,
-                self.sb.store_id,
-            ) {
-                self.cache.discard(slot);
-                return Err(e);
-            }
-        }
-        Ok(slot)
-    }
-
-    fn area_size(&self, area: Area) -> u64 {
-        match area {
-            Area::Meta => self.sb.layout.meta_blocks,
-            Area::Data => self.sb.layout.data_chunks,
+        SpaceMap {
+            bitmap_start,
+            size,
+            used,
+            hint: self.sb.alloc_hint[area as usize],
+            store_id: self.sb.store_id,
+            deferred,
         }
     }
 
-    fn used(&mut self, area: Area) -> &mut u64 {
+    /// Stores back what a space-map operation changed.
+    fn put_space_map(&mut self, area: Area, sm: &SpaceMap) {
         match area {
-            Area::Meta => &mut self.sb.meta_used,
-            Area::Data => &mut self.sb.data_used,
+            Area::Meta => self.sb.meta_used = sm.used,
+            Area::Data => self.sb.data_used = sm.used,
         }
+        self.sb.alloc_hint[area as usize] = sm.hint;
+        if let Some(n) = sm.deferred {
+            self.npending = n;
+        }
+        self.sb_dirty = true;
     }
 
     /// Whether bit `i` of `area` is set (allocated).
     pub fn is_allocated(&mut self, area: Area, i: u64) -> Result<bool> {
-        let slot = self.bitmap_block(area, i)?;
-        let bit = i % BITS_PER_BITMAP;
-        Ok(self.cache.data(slot)[HEADER_SIZE + (bit / 8) as usize] & (1 << (bit % 8)) != 0)
+        let sm = self.space_map(area);
+        sm.is_allocated(&mut self.io, &mut self.cache, i)
     }
 
-    /// Next-fit allocation from the hint persisted in the state block: amortized O(1), and
-    /// the bitmap blocks scanned on the way are not pinned in the cache (only the one that
-    /// gets a bit set stays, dirty), so a search never depends on the cache size.
+    /// Next-fit allocation from the hint persisted in the state block (`SpaceMap::alloc`).
     fn alloc(&mut self, area: Area) -> Result<u64> {
-        let total = self.area_size(area);
-        let full = match area {
-            Area::Meta => Error::NoMetaSpace,
-            Area::Data => Error::NoDataSpace,
-        };
-        let pending = if area == Area::Data {
-            self.npending as u64
-        } else {
-            0
-        };
-        if total == 0 || self.used(area).saturating_add(pending) >= total {
-            return Err(full);
-        }
-        let ai = area as usize;
-        let mut i = self.sb.alloc_hint[ai] % total;
-        let mut scanned = 0u64;
-        while scanned <= total {
-            let slot = self.bitmap_block_at(area, i, false)?;
-            let bit0 = i % BITS_PER_BITMAP;
-            let end = bit0 + (BITS_PER_BITMAP - bit0).min(total - i);
-            let mut bit = bit0;
-            let mut found = None;
-            while bit < end {
-                if bit % 64 == 0 && bit + 64 <= end {
-                    let o = HEADER_SIZE + (bit / 8) as usize;
-                    if get64(self.cache.data(slot), o) == u64::MAX {
-                        bit += 64;
-                        continue;
-                    }
-                }
-                let byte = self.cache.data(slot)[HEADER_SIZE + (bit / 8) as usize];
-                if byte & (1 << (bit % 8)) == 0 {
-                    let c = i - bit0 + bit;
-                    if !(area == Area::Data && self.cache.pending()[..self.npending].contains(&c)) {
-                        found = Some(c);
-                        break;
-                    }
-                }
-                bit += 1;
+        let mut sm = self.space_map(area);
+        match sm.alloc(&mut self.io, &mut self.cache)? {
+            Some(c) => {
+                self.put_space_map(area, &sm);
+                Ok(c)
             }
-            if let Some(c) = found {
-                let b = c % BITS_PER_BITMAP;
-                self.cache.data_mut(slot)[HEADER_SIZE + (b / 8) as usize] |= 1 << (b % 8);
-                *self.used(area) += 1;
-                self.sb.alloc_hint[ai] = c + 1;
-                self.sb_dirty = true;
-                return Ok(c);
-            }
-            scanned += end - bit0;
-            i = (i + (end - bit0)) % total;
+            None => Err(match area {
+                Area::Meta => Error::NoMetaSpace,
+                Area::Data => Error::NoDataSpace,
+            }),
         }
-        Err(full)
     }
 
     fn free(&mut self, area: Area, i: u64) -> Result<()> {
-        if i >= self.area_size(area) {
-            return Err(Error::Corrupt {
-                block: 0,
-                what: "freeing a block outside its area",
-            });
-        }
-        if area == Area::Data && self.npending >= PENDING_MAX {
-            // (Before anything changes: callers keep within PENDING_MAX, see needs_commit.)
-            return Err(Error::TxFull);
-        }
-        let slot = self.bitmap_block(area, i)?;
-        let bit = i % BITS_PER_BITMAP;
-        let byte = HEADER_SIZE + (bit / 8) as usize;
-        let m = 1u8 << (bit % 8);
-        if self.cache.data(slot)[byte] & m == 0 {
-            return Err(Error::Corrupt {
-                block: self.cache.block_of(slot),
-                what: "double free in allocation bitmap",
-            });
-        }
-        self.cache.data_mut(slot)[byte] &= !m;
-        let u = self.used(area);
-        *u = u.saturating_sub(1);
-        self.sb_dirty = true;
-        if area == Area::Data {
-            let n = self.npending;
-            self.cache.pending()[n] = i;
-            self.npending += 1;
-        }
+        let mut sm = self.space_map(area);
+        sm.free(&mut self.io, &mut self.cache, i)?;
+        self.put_space_map(area, &sm);
         Ok(())
     }
 
@@ -915,9 +837,7 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> NodeStore for Store<D
                 block,
                 self.sb.store_id,
             )
-            .and_then(|_| {
-                btree::validate_node(b, block, level, |c| l.is_meta(c), |c| c < l.data_chunks)
-            });
+            .and_then(|_| btree::validate_node(b, block, level, |c| l.is_meta(c), l.data_chunks));
             if let Err(e) = r {
                 self.cache.discard(slot);
                 return Err(e);

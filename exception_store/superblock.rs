@@ -1,8 +1,14 @@
 //! The superblock (block 0) and the journal header (block 1): layout of the COW device,
 //! space counters, btree root, and the 64 snapshot slots.
 
+use super::exceptions::Root;
 use super::format::*;
-use crate::btree::Root;
+// JournalHeader: for the tools (the kernel target does not use it).
+#[allow(unused_imports)]
+pub use crate::pdata::journal::JournalHeader;
+use crate::pdata::journal::Region;
+pub use crate::pdata::journal::MAX_TX_BLOCKS;
+pub use crate::pdata::space_map::BITS_PER_BITMAP;
 
 /// Snapshot slot flag: the slot holds a live snapshot.
 pub const SNAP_LIVE: u32 = 1;
@@ -20,12 +26,8 @@ pub const STATE_BLOCK: u64 = 3;
 /// First journal block.
 pub const JOURNAL_START: u64 = 4;
 
-/// Largest transaction, in metadata blocks (bounded by the descriptor's capacity).
-pub const MAX_TX_BLOCKS: usize = 240;
 /// Smallest journal accepted.
 pub const MIN_JOURNAL_BLOCKS: u64 = 2 * (MAX_TX_BLOCKS as u64 + 1) + 2;
-/// Bits of allocation state per bitmap block.
-pub const BITS_PER_BITMAP: u64 = ((BLOCK_SIZE - HEADER_SIZE) * 8) as u64;
 
 /// One snapshot slot.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -38,6 +40,18 @@ pub struct SnapSlot {
     pub create_seq: u64,
     /// Exceptions this snapshot owns alone.
     pub owned: u64,
+}
+
+impl SnapSlot {
+    /// Whether the slot holds a live snapshot (invalid or not).
+    pub fn is_live(&self) -> bool {
+        self.flags & SNAP_LIVE != 0
+    }
+
+    /// Whether the snapshot was invalidated (it fails all I/O).
+    pub fn is_invalid(&self) -> bool {
+        self.flags & SNAP_INVALID != 0
+    }
 }
 
 /// Where everything lives on the COW device (block numbers are 4 KiB units).
@@ -178,6 +192,14 @@ impl Layout {
     /// Whether `b` is a block of the metadata area.
     pub fn is_meta(&self, b: u64) -> bool {
         b >= self.meta_start && b < self.meta_start + self.meta_blocks
+    }
+
+    /// The journal's region.
+    pub fn journal_region(&self) -> Region {
+        Region {
+            start: self.journal_start,
+            blocks: self.journal_blocks,
+        }
     }
 
     /// Whether a journaled block may be written home to `b`.
@@ -476,36 +498,5 @@ impl Super {
         self.snaps
             .iter()
             .position(|s| s.flags & SNAP_LIVE != 0 && s.id == id)
-    }
-}
-
-/// A journal header (blocks 1 and 2): where replay starts.  Written only at checkpoints,
-/// alternately to each copy, so a torn write leaves the other one intact.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct JournalHeader {
-    /// Journal offset (monotonic; block = journal_start + off % journal_blocks) of the first
-    /// transaction not yet known to be home.
-    pub off: u64,
-    /// Sequence number that transaction must carry.
-    pub seq: u64,
-}
-
-impl JournalHeader {
-    /// Encodes into a sealed block for copy `nr` (1 or 2).
-    pub fn encode(&self, io: &impl BlockIo, store_id: u64, nr: u64, b: &mut Block) {
-        b.fill(0);
-        init_header(b, BlockType::JournalHeader, nr, store_id);
-        put64(b, 32, self.off);
-        put64(b, 40, self.seq);
-        seal(io, b);
-    }
-
-    /// Decodes and validates copy `nr`.
-    pub fn decode(io: &impl BlockIo, b: &Block, nr: u64, store_id: u64) -> Result<Self> {
-        check_header(io, b, BlockType::JournalHeader, nr, store_id)?;
-        Ok(JournalHeader {
-            off: get64(b, 32),
-            seq: get64(b, 40),
-        })
     }
 }

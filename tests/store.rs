@@ -1217,7 +1217,7 @@ fn alloc_after_reopen_of_full_store() {
 /// within what one transaction (and the cache) can hold.
 #[test]
 fn delete_sweep_of_fragmented_leaf() {
-    use shsnap_core::btree;
+    use shsnap_core::exception_store::exceptions as btree;
     use shsnap_core::exception_store::format::{get64, put64, seal, HEADER_SIZE};
     use shsnap_core::exception_store::superblock::BITS_PER_BITMAP;
     let n = btree::LEAF_CAP as u64;

@@ -1,10 +1,10 @@
 //! Offline reading of a COW device: consistency check, dump and delta.  Independent of
 //! `Store` (it walks the blocks itself) so that it can judge what the store wrote.
 
-use crate::btree::{self, Exception};
+use crate::exception_store::exceptions::{self as btree, Exception};
 use crate::exception_store::format::*;
+use crate::exception_store::journal;
 use crate::exception_store::superblock::*;
-use crate::journal;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::format;
@@ -152,7 +152,15 @@ pub fn check_with<D: BlockIo>(dev: D, keep_map: bool) -> (Report, Option<(Super,
             return (r, None);
         }
     };
-    match journal::replay(&mut io, &sb0.layout, sb0.store_id, &mut b, &mut b2) {
+    let (region, l0) = (sb0.layout.journal_region(), sb0.layout);
+    match journal::replay(
+        &mut io,
+        region,
+        |h| l0.is_journalable(h),
+        sb0.store_id,
+        &mut b,
+        &mut b2,
+    ) {
         Ok((_, rep)) => r.replayed = rep.applied,
         Err(e) => {
             err(&mut r, format!("journal: {}", e));
@@ -234,9 +242,8 @@ pub fn check_with<D: BlockIo>(dev: D, keep_map: bool) -> (Report, Option<(Super,
             tree_ok = false;
             continue;
         }
-        let v = check_header(&io, &b, btree::node_type(level), blk, sb.store_id).and_then(|_| {
-            btree::validate_node(&b, blk, level, |c| l.is_meta(c), |c| c < l.data_chunks)
-        });
+        let v = check_header(&io, &b, btree::node_type(level), blk, sb.store_id)
+            .and_then(|_| btree::validate_node(&b, blk, level, |c| l.is_meta(c), l.data_chunks));
         if let Err(e) = v {
             err(&mut r, format!("btree node: {}", e));
             tree_ok = false;

@@ -6,7 +6,7 @@
 //! The forgery works on the blocks at their home location; a transaction still in the
 //! journal may overwrite it at replay (close the store cleanly first to forge the live state).
 
-use crate::btree;
+use crate::exception_store::exceptions as btree;
 use crate::exception_store::format::*;
 use crate::exception_store::superblock::*;
 use rand::rngs::SmallRng;

@@ -15,7 +15,9 @@
 //! chunk every `hole-every` chunks; `scatter` hands those chunks out in a scattered order
 //! (an affine permutation) instead of in key order.
 
-use shsnap_core::btree::{self, Exception, Root, INTERNAL_CAP, LEAF_CAP};
+use shsnap_core::exception_store::exceptions::{
+    self as btree, Exception, Root, INTERNAL_CAP, LEAF_CAP,
+};
 use shsnap_core::exception_store::format::{
     init_header, seal, Block, BlockIo, BlockType, Error, Result, BLOCK_SIZE, HEADER_SIZE,
     MAX_DEPTH, MAX_SNAPSHOTS,

@@ -3,7 +3,7 @@
 //! commits them; clean ones are evicted by a clock hand.  Blocks touched by the operation in
 //! progress (same epoch) are never evicted, so an operation may hold several slot indices.
 
-use super::format::{Block, BlockIo, Error, Result};
+use super::block::{Block, BlockIo, Error, Result};
 
 const NONE: u32 = u32::MAX;
 
@@ -49,9 +49,13 @@ impl Default for Slot {
     }
 }
 
+/// Largest transaction, in metadata blocks: what the staging area below holds (and what one
+/// journal descriptor can describe: `journal` checks it at compile time).
+pub const MAX_TX_BLOCKS: usize = 240;
+
 /// Scratch blocks the store needs besides the cache slots: two for replay and headers,
 /// then a contiguous staging area for one journal transaction (descriptor + images).
-pub const SCRATCH_BLOCKS: usize = 2 + crate::exception_store::superblock::MAX_TX_BLOCKS + 1;
+pub const SCRATCH_BLOCKS: usize = 2 + MAX_TX_BLOCKS + 1;
 
 /// The parts of the cache memory, borrowed together.
 pub struct Parts<'a> {

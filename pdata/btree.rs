@@ -1,37 +1,77 @@
-//! The exception btree: keyed by origin chunk, leaves hold exceptions
-//! `{origin chunk, COW chunk, share bitmap}` sorted by (chunk, COW chunk).  All exceptions of
-//! one origin chunk live in the same leaf (splits happen at chunk boundaries), so a chunk is
-//! looked up with a single descent.  Nodes are updated in place under the journal; empty
+//! A btree of u64 keys, generic over the value type of its leaves (`Value`).  Leaves hold
+//! entries `{key, value}` sorted by (key, value's sub key); a key may hold several values,
+//! and all entries of one key live in the same leaf (splits happen at key boundaries), so a
+//! key is looked up with a single descent.  Nodes are updated in place under the journal; empty
 //! leaves are pruned, so every leaf stays at the same depth.  No recursion: paths are kept in
 //! fixed arrays bounded by `MAX_DEPTH`.
 
-use crate::exception_store::format::{
+use super::block::{
     get16, get64, put16, put64, Block, BlockType, Error, Result, BLOCK_SIZE, HEADER_SIZE,
-    MAX_DEPTH, MAX_SNAPSHOTS,
 };
+
+/// Deepest btree accepted (root at level `depth - 1`, leaves at level 0).
+pub const MAX_DEPTH: usize = 10;
 
 /// Offset of the entry count (u16) in a node header.
 const N_COUNT: usize = 24;
 /// Offset of the node level (u16, 0 = leaf) in a node header.
 const N_LEVEL: usize = 26;
 
-const LEAF_ENTRY: usize = 24;
+/// Size of a leaf key (u64).
+const KEY_SIZE: usize = 8;
 const INTERNAL_ENTRY: usize = 16;
-/// Exceptions per leaf.
-pub const LEAF_CAP: usize = (BLOCK_SIZE - HEADER_SIZE) / LEAF_ENTRY;
 /// Children per internal node.
 pub const INTERNAL_CAP: usize = (BLOCK_SIZE - HEADER_SIZE) / INTERNAL_ENTRY;
 
-/// One exception: the copy of origin chunk `chunk` kept in COW chunk `cow`, shared by the
-/// snapshot slots whose bits are set in `share`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Exception {
-    /// Origin chunk.
-    pub chunk: u64,
-    /// COW data chunk holding the copy.
-    pub cow: u64,
-    /// Bitmap of the snapshot slots that read this copy.
-    pub share: u64,
+/// The type of the values a tree holds in its leaves, as the kernel's
+/// `struct dm_btree_value_type`: its packed size and how it is packed, ordered and validated.
+///
+/// A leaf entry is a u64 key followed by the packed value.  A key may hold several values
+/// (a multimap, up to what `validate_same_key` accepts): entries are sorted by
+/// (key, `sub_key`), which must be unique, and all entries of one key stay in one leaf.  A
+/// plain map returns 0 from `sub_key`.
+pub trait Value: Copy {
+    /// Packed size in bytes.
+    const SIZE: usize;
+    /// What `validate` needs to know (the range of valid pointers, ...).
+    type Context: ?Sized;
+    /// Writes the value into `out` (`SIZE` bytes).
+    fn pack(&self, out: &mut [u8]);
+    /// Reads a value from `b` (`SIZE` bytes); `validate` judges it.
+    fn unpack(b: &[u8]) -> Self;
+    /// Order of the entries of one key.
+    fn sub_key(&self) -> u64;
+    /// Checks one value read from disk.
+    fn validate(&self, ctx: &Self::Context) -> core::result::Result<(), &'static str>;
+    /// Checks two neighbouring entries of one key; `run` counts the entries of that key up
+    /// to `next` (2 or more).
+    fn validate_same_key(
+        prev: &Self,
+        next: &Self,
+        run: usize,
+    ) -> core::result::Result<(), &'static str> {
+        let _ = (prev, next, run);
+        Ok(())
+    }
+    /// Checks a whole leaf of `n` entries (`entry(i)`: key and value of entry `i`), after
+    /// every entry passed the checks above.
+    fn validate_leaf(
+        n: usize,
+        entry: impl Fn(usize) -> (u64, Self),
+    ) -> core::result::Result<(), &'static str> {
+        let _ = (n, entry);
+        Ok(())
+    }
+}
+
+/// Bytes per leaf entry (key and value).
+pub const fn leaf_entry_size<V: Value>() -> usize {
+    KEY_SIZE + V::SIZE
+}
+
+/// Entries per leaf.
+pub const fn leaf_cap<V: Value>() -> usize {
+    (BLOCK_SIZE - HEADER_SIZE) / leaf_entry_size::<V>()
 }
 
 /// Root block and depth (number of levels; 1 = the root is a leaf).
@@ -91,27 +131,38 @@ pub fn node_type(level: u16) -> BlockType {
     }
 }
 
-/// Exception `i` of a leaf.
-pub fn leaf_entry(b: &Block, i: usize) -> Exception {
-    let o = HEADER_SIZE + i * LEAF_ENTRY;
-    Exception {
-        chunk: get64(b, o),
-        cow: get64(b, o + 8),
-        share: get64(b, o + 16),
-    }
+/// Byte offset of leaf entry `i`.
+fn leaf_off<V: Value>(i: usize) -> usize {
+    HEADER_SIZE + i * leaf_entry_size::<V>()
 }
 
-/// Writes exception `i` of a leaf (the count is set apart: `set_count`).
-pub fn set_leaf_entry(b: &mut Block, i: usize, e: &Exception) {
-    let o = HEADER_SIZE + i * LEAF_ENTRY;
-    put64(b, o, e.chunk);
-    put64(b, o + 8, e.cow);
-    put64(b, o + 16, e.share);
+/// Key of leaf entry `i`.
+pub fn leaf_key<V: Value>(b: &Block, i: usize) -> u64 {
+    get64(b, leaf_off::<V>(i))
 }
 
-/// Sets the share bitmap of leaf entry `i`.
-pub fn set_leaf_share(b: &mut Block, i: usize, share: u64) {
-    put64(b, HEADER_SIZE + i * LEAF_ENTRY + 16, share);
+/// Value of leaf entry `i`.
+pub fn leaf_value<V: Value>(b: &Block, i: usize) -> V {
+    let o = leaf_off::<V>(i) + KEY_SIZE;
+    V::unpack(&b[o..o + V::SIZE])
+}
+
+/// Key and value of leaf entry `i`.
+pub fn leaf_entry<V: Value>(b: &Block, i: usize) -> (u64, V) {
+    (leaf_key::<V>(b, i), leaf_value::<V>(b, i))
+}
+
+/// Writes key and value of leaf entry `i` (the count is set apart: `set_count`).
+pub fn set_leaf_entry<V: Value>(b: &mut Block, i: usize, key: u64, v: &V) {
+    let o = leaf_off::<V>(i);
+    put64(b, o, key);
+    set_leaf_value(b, i, v);
+}
+
+/// Writes the value of leaf entry `i`.
+pub fn set_leaf_value<V: Value>(b: &mut Block, i: usize, v: &V) {
+    let o = leaf_off::<V>(i) + KEY_SIZE;
+    v.pack(&mut b[o..o + V::SIZE]);
 }
 
 /// Key and child of internal entry `i`.
@@ -127,14 +178,15 @@ pub fn set_internal_entry(b: &mut Block, i: usize, key: u64, child: u64) {
     put64(b, o + 8, child);
 }
 
-/// Structural validation of a node just read: level, count, ordering, child range.
-/// `child_ok` says whether a child block number is plausible.
-pub fn validate_node(
+/// Structural validation of a node just read: level, count, ordering, child range, and the
+/// value type's own checks (`ctx`: what they need).  `child_ok` says whether a child block
+/// number is plausible.
+pub fn validate_node<V: Value>(
     b: &Block,
     blk: u64,
     want_level: u16,
     child_ok: impl Fn(u64) -> bool,
-    cow_ok: impl Fn(u64) -> bool,
+    ctx: &V::Context,
 ) -> Result<()> {
     let corrupt = |what| Err(Error::Corrupt { block: blk, what });
     if level(b) != want_level {
@@ -142,51 +194,35 @@ pub fn validate_node(
     }
     let n = count(b);
     if want_level == 0 {
-        if n > LEAF_CAP {
+        if n > leaf_cap::<V>() {
             return corrupt("leaf entry count too large");
         }
         let mut run = 0usize;
-        let mut prev: Option<Exception> = None;
+        let mut prev: Option<(u64, V)> = None;
         for i in 0..n {
-            let e = leaf_entry(b, i);
-            if e.share == 0 {
-                return corrupt("exception with empty share bitmap");
+            let (k, v) = leaf_entry::<V>(b, i);
+            if let Err(what) = v.validate(ctx) {
+                return corrupt(what);
             }
-            if !cow_ok(e.cow) {
-                return corrupt("exception points outside the COW data area");
-            }
-            if let Some(p) = prev {
-                if (p.chunk, p.cow) >= (e.chunk, e.cow) {
+            if let Some((pk, pv)) = prev {
+                if (pk, pv.sub_key()) >= (k, v.sub_key()) {
                     return corrupt("leaf entries out of order");
                 }
-                if p.chunk == e.chunk {
-                    if p.share & e.share != 0 {
-                        return corrupt("two exceptions of one chunk share a snapshot");
-                    }
+                if pk == k {
                     run += 1;
+                    if let Err(what) = V::validate_same_key(&pv, &v, run) {
+                        return corrupt(what);
+                    }
                 } else {
                     run = 1;
                 }
             } else {
                 run = 1;
             }
-            if run > MAX_SNAPSHOTS {
-                return corrupt("more than 64 exceptions for one chunk");
-            }
-            prev = Some(e);
+            prev = Some((k, v));
         }
-        // One COW chunk in two exceptions of this leaf (across leaves: `shsnap check`).  A
-        // 2048-bit filter of the chunks seen so far: only an entry whose bit is already set
-        // is compared with the earlier ones (a few per leaf, not all of them: every leaf
-        // read from disk pays this).
-        let mut seen = [0u64; 32];
-        for i in 0..n {
-            let c = leaf_entry(b, i).cow;
-            let h = (c.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 53) as usize;
-            if seen[h / 64] & (1 << (h % 64)) != 0 && (0..i).any(|j| leaf_entry(b, j).cow == c) {
-                return corrupt("one COW chunk used by two exceptions");
-            }
-            seen[h / 64] |= 1 << (h % 64);
+        if let Err(what) = V::validate_leaf(n, |i| leaf_entry::<V>(b, i)) {
+            return corrupt(what);
         }
     } else {
         if n == 0 || n > INTERNAL_CAP {
@@ -221,13 +257,13 @@ fn child_index(b: &Block, key: u64) -> usize {
     lo
 }
 
-/// First leaf index whose (chunk, cow) is >= (chunk, cow).
-fn leaf_lower_bound(b: &Block, chunk: u64, cow: u64) -> usize {
+/// First leaf index whose (key, sub key) is >= (key, sub).
+fn leaf_lower_bound<V: Value>(b: &Block, key: u64, sub: u64) -> usize {
     let (mut lo, mut hi) = (0usize, count(b));
     while lo < hi {
         let mid = (lo + hi) / 2;
-        let e = leaf_entry(b, mid);
-        if (e.chunk, e.cow) < (chunk, cow) {
+        let (k, v) = leaf_entry::<V>(b, mid);
+        if (k, v.sub_key()) < (key, sub) {
             lo = mid + 1;
         } else {
             hi = mid;
@@ -236,12 +272,12 @@ fn leaf_lower_bound(b: &Block, chunk: u64, cow: u64) -> usize {
     lo
 }
 
-/// Range of leaf indices holding exceptions of `chunk`.
-pub fn chunk_range(b: &Block, chunk: u64) -> (usize, usize) {
-    let s = leaf_lower_bound(b, chunk, 0);
+/// Range of leaf indices holding the entries of `key`.
+pub fn key_range<V: Value>(b: &Block, key: u64) -> (usize, usize) {
+    let s = leaf_lower_bound::<V>(b, key, 0);
     let mut e = s;
     let n = count(b);
-    while e < n && leaf_entry(b, e).chunk == chunk {
+    while e < n && leaf_key::<V>(b, e) == key {
         e += 1;
     }
     (s, e)
@@ -260,7 +296,12 @@ pub struct Path {
 }
 
 /// Descends to the leaf covering `key`.
-pub fn find_leaf(ns: &mut impl NodeStore, root: Root, key: u64, nonblocking: bool) -> Result<Path> {
+pub fn find_leaf<V: Value>(
+    ns: &mut impl NodeStore,
+    root: Root,
+    key: u64,
+    nonblocking: bool,
+) -> Result<Path> {
     if root.depth == 0 || root.depth as usize > MAX_DEPTH {
         return Err(Error::Corrupt {
             block: root.block,
@@ -285,7 +326,7 @@ pub fn find_leaf(ns: &mut impl NodeStore, root: Root, key: u64, nonblocking: boo
         let in_range = |k: u64| k >= lo && path.upper.map_or(true, |h| k < h);
         let (first, last) = match (lvl, n) {
             (_, 0) => (lo, lo),
-            (0, _) => (leaf_entry(b, 0).chunk, leaf_entry(b, n - 1).chunk),
+            (0, _) => (leaf_key::<V>(b, 0), leaf_key::<V>(b, n - 1)),
             (_, 1) => (lo, lo),
             _ => (internal_entry(b, 1).0, internal_entry(b, n - 1).0),
         };
@@ -314,25 +355,25 @@ pub fn find_leaf(ns: &mut impl NodeStore, root: Root, key: u64, nonblocking: boo
     }
 }
 
-/// Inserts an exception (the caller guarantees (chunk, cow) is not present).
-pub fn insert(ns: &mut impl NodeStore, root: &mut Root, e: Exception) -> Result<()> {
+/// Inserts an entry (the caller guarantees (key, sub key) is not present).
+pub fn insert<V: Value>(ns: &mut impl NodeStore, root: &mut Root, key: u64, v: V) -> Result<()> {
     if ns.meta_free() < root.depth as u64 + 2 {
         return Err(Error::NoMetaSpace);
     }
-    let mut path = find_leaf(ns, *root, e.chunk, false)?;
+    let mut path = find_leaf::<V>(ns, *root, key, false)?;
     let (_, lslot) = path.leaf;
     let n = count(ns.nb(lslot));
-    if n < LEAF_CAP {
-        leaf_insert_at(ns.nb_mut(lslot), e);
+    if n < leaf_cap::<V>() {
+        leaf_insert_at(ns.nb_mut(lslot), key, v);
         return Ok(());
     }
-    // Split the leaf at a chunk boundary near the middle.
+    // Split the leaf at a key boundary near the middle.
     let b = ns.nb(lslot);
     let mid = n / 2;
     let mut split = None;
     for d in 0..n {
         for cand in [mid.wrapping_sub(d), mid + d] {
-            if cand >= 1 && cand < n && leaf_entry(b, cand - 1).chunk != leaf_entry(b, cand).chunk {
+            if cand >= 1 && cand < n && leaf_key::<V>(b, cand - 1) != leaf_key::<V>(b, cand) {
                 split = Some(cand);
                 break;
             }
@@ -344,32 +385,32 @@ pub fn insert(ns: &mut impl NodeStore, root: &mut Root, e: Exception) -> Result<
     let Some(split) = split else {
         return Err(Error::Corrupt {
             block: path.leaf.0,
-            what: "leaf holds one chunk only",
+            what: "leaf holds one key only",
         });
     };
     let (rblk, rslot) = ns.alloc_node(0)?;
     let (l, r) = ns.nb_mut2(lslot, rslot)?;
-    for i in split..n {
-        let x = leaf_entry(l, i);
-        set_leaf_entry(r, i - split, &x);
-    }
+    let es = leaf_entry_size::<V>();
+    r[HEADER_SIZE..HEADER_SIZE + (n - split) * es]
+        .copy_from_slice(&l[HEADER_SIZE + split * es..HEADER_SIZE + n * es]);
     set_count(r, n - split);
     set_count(l, split);
-    let sep = leaf_entry(r, 0).chunk;
-    if e.chunk >= sep {
-        leaf_insert_at(r, e);
+    let sep = leaf_key::<V>(r, 0);
+    if key >= sep {
+        leaf_insert_at(r, key, v);
     } else {
-        leaf_insert_at(l, e);
+        leaf_insert_at(l, key, v);
     }
     insert_parent(ns, root, &mut path, sep, rblk)
 }
 
-fn leaf_insert_at(b: &mut Block, e: Exception) {
+fn leaf_insert_at<V: Value>(b: &mut Block, key: u64, v: V) {
     let n = count(b);
-    let pos = leaf_lower_bound(b, e.chunk, e.cow);
-    let o = HEADER_SIZE + pos * LEAF_ENTRY;
-    b.copy_within(o..HEADER_SIZE + n * LEAF_ENTRY, o + LEAF_ENTRY);
-    set_leaf_entry(b, pos, &e);
+    let es = leaf_entry_size::<V>();
+    let pos = leaf_lower_bound::<V>(b, key, v.sub_key());
+    let o = leaf_off::<V>(pos);
+    b.copy_within(o..HEADER_SIZE + n * es, o + es);
+    set_leaf_entry(b, pos, key, &v);
     set_count(b, n + 1);
 }
 
@@ -433,15 +474,21 @@ fn internal_insert_at(b: &mut Block, pos: usize, key: u64, child: u64) {
 }
 
 /// Removes leaf entry `idx` of the leaf on `path`; prunes the leaf if it becomes empty.
-pub fn remove_at(ns: &mut impl NodeStore, root: &mut Root, path: &Path, idx: usize) -> Result<()> {
+pub fn remove_at<V: Value>(
+    ns: &mut impl NodeStore,
+    root: &mut Root,
+    path: &Path,
+    idx: usize,
+) -> Result<()> {
     let (_, lslot) = path.leaf;
     let b = ns.nb_mut(lslot);
     let n = count(b);
     if idx >= n {
         return Err(Error::Invalid("leaf index"));
     }
-    let o = HEADER_SIZE + idx * LEAF_ENTRY;
-    b.copy_within(o + LEAF_ENTRY..HEADER_SIZE + n * LEAF_ENTRY, o);
+    let es = leaf_entry_size::<V>();
+    let o = leaf_off::<V>(idx);
+    b.copy_within(o + es..HEADER_SIZE + n * es, o);
     set_count(b, n - 1);
     if n - 1 == 0 {
         prune(ns, root, path)?;
@@ -450,13 +497,14 @@ pub fn remove_at(ns: &mut impl NodeStore, root: &mut Root, path: &Path, idx: usi
 }
 
 /// Removes entry `i` of a leaf block (the caller prunes the leaf if it becomes empty).
-pub fn leaf_remove(b: &mut Block, i: usize) {
+pub fn leaf_remove<V: Value>(b: &mut Block, i: usize) {
     let n = count(b);
     if i >= n {
         return;
     }
-    let o = HEADER_SIZE + i * LEAF_ENTRY;
-    b.copy_within(o + LEAF_ENTRY..HEADER_SIZE + n * LEAF_ENTRY, o);
+    let es = leaf_entry_size::<V>();
+    let o = leaf_off::<V>(i);
+    b.copy_within(o + es..HEADER_SIZE + n * es, o);
     set_count(b, n - 1);
 }
 

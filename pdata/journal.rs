@@ -14,14 +14,99 @@
 //! moves the older journal header (block 1 or 2) to the current offset.  Replay starts at the header and applies
 //! transactions with consecutive sequence numbers until one is missing or incomplete.
 
-use crate::exception_store::cache::{Cache, CacheMem};
-use crate::exception_store::format::*;
-use crate::exception_store::superblock::{JournalHeader, Layout, MAX_TX_BLOCKS};
+use super::block::*;
+pub use super::cache::MAX_TX_BLOCKS;
+use super::cache::{Cache, CacheMem};
 
 const D_SEQ: usize = 32;
 const D_COUNT: usize = 40;
 const D_ENTRIES: usize = 48;
 const D_ENTRY: usize = 16;
+
+/// The two journal header copies (blocks 1 and 2).
+const HEADER_BLOCKS: [u64; 2] = [1, 2];
+
+/// Where the journal lives on the device: `blocks` blocks from `start`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Region {
+    /// First journal block.
+    pub start: u64,
+    /// Journal length in blocks.
+    pub blocks: u64,
+}
+
+/// One entry of a descriptor: the home block of an image and the crc32c of the whole image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DescEntry {
+    home: u64,
+    crc: u32,
+}
+
+impl DescEntry {
+    fn pack(&self, d: &mut Block, i: usize) {
+        let o = D_ENTRIES + i * D_ENTRY;
+        put64(d, o, self.home);
+        put32(d, o + 8, self.crc);
+    }
+
+    fn unpack(d: &Block, i: usize) -> Self {
+        let o = D_ENTRIES + i * D_ENTRY;
+        DescEntry {
+            home: get64(d, o),
+            crc: get32(d, o + 8),
+        }
+    }
+}
+
+/// A journal header (blocks 1 and 2): where replay starts.  Written only at checkpoints,
+/// alternately to each copy, so a torn write leaves the other one intact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JournalHeader {
+    /// Journal offset (monotonic; block = journal_start + off % journal_blocks) of the first
+    /// transaction not yet known to be home.
+    pub off: u64,
+    /// Sequence number that transaction must carry.
+    pub seq: u64,
+}
+
+impl JournalHeader {
+    /// Encodes into a sealed block for copy `nr` (1 or 2).
+    pub fn encode(&self, io: &impl BlockIo, store_id: u64, nr: u64, b: &mut Block) {
+        b.fill(0);
+        init_header(b, BlockType::JournalHeader, nr, store_id);
+        put64(b, 32, self.off);
+        put64(b, 40, self.seq);
+        seal(io, b);
+    }
+
+    /// Decodes and validates copy `nr`.
+    pub fn decode(io: &impl BlockIo, b: &Block, nr: u64, store_id: u64) -> Result<Self> {
+        check_header(io, b, BlockType::JournalHeader, nr, store_id)?;
+        Ok(JournalHeader {
+            off: get64(b, 32),
+            seq: get64(b, 40),
+        })
+    }
+}
+
+/// Writes an empty journal over `region` (whatever log was there before is invalidated)
+/// and both header copies pointing at its start.
+pub fn format(
+    io: &mut impl BlockIo,
+    region: Region,
+    store_id: u64,
+    scratch: &mut Block,
+) -> Result<()> {
+    scratch.fill(0);
+    for i in 0..region.blocks {
+        io.write_block(region.start + i, scratch)?;
+    }
+    for nr in HEADER_BLOCKS {
+        JournalHeader { off: 0, seq: 1 }.encode(io, store_id, nr, scratch);
+        io.write_block(nr, scratch)?;
+    }
+    Ok(())
+}
 
 /// Largest journal offset or sequence number accepted from a journal header.  Both grow by
 /// at most MAX_TX_BLOCKS + 1 per commit and a replay covers one journal (at most 8192
@@ -132,9 +217,11 @@ pub fn commit<M: CacheMem>(
             return Err(Error::Invalid("dirty count mismatch"));
         }
         seal(io, b);
-        let crc = block_crc(io, b);
-        put64(desc, D_ENTRIES + i * D_ENTRY, Cache::<M>::slot_block(s));
-        put32(desc, D_ENTRIES + i * D_ENTRY + 8, crc);
+        DescEntry {
+            home: Cache::<M>::slot_block(s),
+            crc: block_crc(io, b),
+        }
+        .pack(desc, i);
         images[i].copy_from_slice(b);
         i += 1;
     }
@@ -186,7 +273,7 @@ enum TxCheck {
 fn check_tx(
     io: &mut impl BlockIo,
     j: &Journal,
-    l: &Layout,
+    home_ok: &impl Fn(u64) -> bool,
     store_id: u64,
     off: u64,
     seq: u64,
@@ -208,16 +295,15 @@ fn check_tx(
         });
     }
     for i in 0..n as u64 {
-        let e = D_ENTRIES + i as usize * D_ENTRY;
-        let home = get64(d, e);
-        if !l.is_journalable(home) {
+        let e = DescEntry::unpack(d, i as usize);
+        if !home_ok(e.home) {
             return Err(Error::Corrupt {
                 block: dloc,
                 what: "journal descriptor names a block outside metadata",
             });
         }
         io.read_block(j.loc(off + 1 + i), b)?;
-        if block_crc(io, b) != get32(d, e + 8) || header_blocknr(b) != home {
+        if block_crc(io, b) != e.crc || header_blocknr(b) != e.home {
             return Ok(TxCheck::Torn);
         }
     }
@@ -225,21 +311,23 @@ fn check_tx(
 }
 
 /// Whether replay would apply a transaction (read-only open: nothing is written).  Returns
-/// the journal state as the header records it.
+/// the journal state as the header records it.  `home_ok` says which blocks a transaction
+/// may write home (a descriptor naming another block is corrupt).
 #[inline(never)]
 pub fn needs_replay(
     io: &mut impl BlockIo,
-    l: &Layout,
+    region: Region,
+    home_ok: impl Fn(u64) -> bool,
     store_id: u64,
     d: &mut Block,
     b: &mut Block,
 ) -> Result<(Journal, bool)> {
-    let j = read_header(io, l, store_id, d)?;
-    let pending = match check_tx(io, &j, l, store_id, j.off, j.seq, d, b)? {
+    let j = read_header(io, region, store_id, d)?;
+    let pending = match check_tx(io, &j, &home_ok, store_id, j.off, j.seq, d, b)? {
         TxCheck::End => false,
         TxCheck::Valid(_) => true,
         TxCheck::Torn => {
-            torn_is_last(io, &j, l, store_id, d, b)?;
+            torn_is_last(io, &j, &home_ok, store_id, d, b)?;
             false
         }
     };
@@ -247,9 +335,14 @@ pub fn needs_replay(
 }
 
 /// The journal state the newest valid journal header records.
-fn read_header(io: &mut impl BlockIo, l: &Layout, store_id: u64, d: &mut Block) -> Result<Journal> {
+fn read_header(
+    io: &mut impl BlockIo,
+    region: Region,
+    store_id: u64,
+    d: &mut Block,
+) -> Result<Journal> {
     let mut best: Option<(JournalHeader, u64)> = None;
-    for nr in [1u64, 2] {
+    for nr in HEADER_BLOCKS {
         io.read_block(nr, d)?;
         if let Ok(h) = JournalHeader::decode(io, d, nr, store_id) {
             if best.map_or(true, |(b, _)| (h.seq, h.off) > (b.seq, b.off)) {
@@ -272,8 +365,8 @@ fn read_header(io: &mut impl BlockIo, l: &Layout, store_id: u64, d: &mut Block) 
         });
     }
     Ok(Journal {
-        start: l.journal_start,
-        size: l.journal_blocks,
+        start: region.start,
+        size: region.blocks,
         off: jh.off,
         seq: jh.seq,
         tail: jh.off,
@@ -288,13 +381,13 @@ fn read_header(io: &mut impl BlockIo, l: &Layout, store_id: u64, d: &mut Block) 
 fn torn_is_last(
     io: &mut impl BlockIo,
     j: &Journal,
-    l: &Layout,
+    home_ok: &impl Fn(u64) -> bool,
     store_id: u64,
     d: &mut Block,
     b: &mut Block,
 ) -> Result<()> {
     let n = get32(d, D_COUNT) as u64;
-    if let TxCheck::Valid(_) = check_tx(io, j, l, store_id, j.off + n + 1, j.seq + 1, d, b)? {
+    if let TxCheck::Valid(_) = check_tx(io, j, home_ok, store_id, j.off + n + 1, j.seq + 1, d, b)? {
         return Err(Error::Corrupt {
             block: j.loc(j.off),
             what: "journal damaged before a later committed transaction",
@@ -304,30 +397,31 @@ fn torn_is_last(
 }
 
 /// Replays the journal from the header's position; returns the journal state to continue
-/// from (the header has been moved past what was replayed).
+/// from (the header has been moved past what was replayed).  `home_ok`: as `needs_replay`.
 #[inline(never)]
 pub fn replay(
     io: &mut impl BlockIo,
-    l: &Layout,
+    region: Region,
+    home_ok: impl Fn(u64) -> bool,
     store_id: u64,
     d: &mut Block,
     b: &mut Block,
 ) -> Result<(Journal, ReplayReport)> {
-    let mut j = read_header(io, l, store_id, d)?;
+    let mut j = read_header(io, region, store_id, d)?;
     let mut rep = ReplayReport::default();
     let mut scanned = 0u64;
     while scanned < j.size {
-        match check_tx(io, &j, l, store_id, j.off, j.seq, d, b)? {
+        match check_tx(io, &j, &home_ok, store_id, j.off, j.seq, d, b)? {
             TxCheck::End => break,
             TxCheck::Torn => {
-                torn_is_last(io, &j, l, store_id, d, b)?;
+                torn_is_last(io, &j, &home_ok, store_id, d, b)?;
                 rep.torn_tail = true;
                 break;
             }
             TxCheck::Valid(n) => {
                 // d still holds this descriptor: apply the images.
                 for i in 0..n as u64 {
-                    let home = get64(d, D_ENTRIES + i as usize * D_ENTRY);
+                    let home = DescEntry::unpack(d, i as usize).home;
                     io.read_block(j.loc(j.off + 1 + i), b)?;
                     io.write_block(home, b)?;
                     rep.blocks += 1;

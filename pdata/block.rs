@@ -1,0 +1,258 @@
+//! On-disk primitives shared by every metadata block: the block header, little-endian field
+//! access, checksums, the block I/O trait and the error type.  See Documentation/format.md
+//! for the layout.
+
+use core::fmt;
+
+/// Size of every metadata block, in bytes.
+pub const BLOCK_SIZE: usize = 4096;
+/// Sectors (512 bytes) per metadata block.
+pub const BLOCK_SECTORS: u64 = (BLOCK_SIZE / 512) as u64;
+/// One metadata block.
+pub type Block = [u8; BLOCK_SIZE];
+
+/// Size of the common header at the start of every metadata block.
+pub const HEADER_SIZE: usize = 32;
+
+const TYPE_MAGIC: u32 = 0x5353_4e00; // "\0NSS": shared snapshot
+
+/// The type of a metadata block, stored (with a magic) in its header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum BlockType {
+    /// Block 0: the static superblock (identity and layout), written once by format.
+    Super = 1,
+    /// Blocks 1 and 2: where journal replay starts (two copies, written alternately).
+    JournalHeader = 2,
+    /// First block of a journal transaction.
+    JournalDesc = 3,
+    /// Allocation bitmap of the metadata or the data area.
+    Bitmap = 4,
+    /// Btree internal node.
+    Internal = 5,
+    /// Btree leaf.
+    Leaf = 6,
+    /// Block 3: the state block (counters, btree root, snapshot table), journaled.
+    State = 7,
+}
+
+impl BlockType {
+    /// The value stored in the header's type field.
+    pub const fn tag(self) -> u32 {
+        TYPE_MAGIC | self as u32
+    }
+}
+
+/// Everything that can go wrong in the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Error {
+    /// The device failed a read, write or flush of this block (u64::MAX: a flush).
+    Io {
+        /// Block number.
+        block: u64,
+    },
+    /// A metadata block failed validation.
+    Corrupt {
+        /// Block number.
+        block: u64,
+        /// What is wrong.
+        what: &'static str,
+    },
+    /// The device does not hold a store this code can open.
+    NotAStore(&'static str),
+    /// No free chunk is left in the COW data area.
+    NoDataSpace,
+    /// No free block is left in the metadata area.
+    NoMetaSpace,
+    /// All 64 snapshot slots are in use.
+    TooManySnapshots,
+    /// A snapshot with this id exists already.
+    DuplicateId,
+    /// No live snapshot has this id.
+    NoSuchSnapshot,
+    /// The snapshot was invalidated (its copy could not be kept).
+    SnapshotInvalid,
+    /// The current transaction is full: commit, then retry.
+    TxFull,
+    /// A block needed is not cached and the caller asked not to block.
+    WouldBlock,
+    /// Every cache slot is dirty or in use.
+    CacheFull,
+    /// A bad argument.
+    Invalid(&'static str),
+    /// The store was opened read-only: nothing may be written.
+    ReadOnly,
+    /// The journal holds committed transactions that a read-only open cannot apply.
+    NeedsReplay,
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Error::Io { block } if block == u64::MAX => write!(f, "I/O error on flush"),
+            Error::Io { block } => write!(f, "I/O error on metadata block {}", block),
+            Error::Corrupt { block, what } => {
+                write!(f, "metadata block {} corrupt: {}", block, what)
+            }
+            Error::NotAStore(what) => write!(f, "not a shared-snapshot store: {}", what),
+            Error::NoDataSpace => write!(f, "COW device full"),
+            Error::NoMetaSpace => write!(f, "metadata area full"),
+            Error::TooManySnapshots => write!(f, "too many snapshots (64 at most)"),
+            Error::DuplicateId => write!(f, "snapshot id already exists"),
+            Error::NoSuchSnapshot => write!(f, "no such snapshot"),
+            Error::SnapshotInvalid => write!(f, "snapshot is invalid"),
+            Error::TxFull => write!(f, "transaction full"),
+            Error::WouldBlock => write!(f, "metadata not cached"),
+            Error::CacheFull => write!(f, "metadata cache full"),
+            Error::Invalid(what) => write!(f, "invalid argument: {}", what),
+            Error::ReadOnly => write!(f, "store opened read-only"),
+            Error::NeedsReplay => write!(f, "journal needs replay; activate read-write once"),
+        }
+    }
+}
+
+/// Result of store operations.
+pub type Result<T> = core::result::Result<T, Error>;
+
+/// Block I/O and checksums, supplied by the caller (kernel: dm-io and crc32c(); userspace:
+/// a file or a memory image and the crc32c crate).
+pub trait BlockIo {
+    /// Reads metadata block `nr` (4 KiB units from the start of the COW device).
+    fn read_block(&mut self, nr: u64, buf: &mut Block) -> Result<()>;
+    /// Writes metadata block `nr`; durable only after a later `flush`.
+    fn write_block(&mut self, nr: u64, buf: &Block) -> Result<()>;
+    /// Makes every completed write durable (REQ_PREFLUSH).
+    fn flush(&mut self) -> Result<()>;
+    /// Writes consecutive blocks from `nr` in one request; `preflush`: everything completed
+    /// before is durable first (REQ_PREFLUSH); `fua`: these blocks are durable when it
+    /// returns (REQ_FUA).  The default issues single writes and flushes.
+    fn write_run(&mut self, nr: u64, bufs: &[Block], preflush: bool, fua: bool) -> Result<()> {
+        if preflush {
+            self.flush()?;
+        }
+        for (i, b) in bufs.iter().enumerate() {
+            self.write_block(nr + i as u64, b)?;
+        }
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+    /// Size of the COW device in 4 KiB blocks.
+    fn size_blocks(&self) -> u64;
+    /// CRC-32C (Castagnoli) of `data`, seed !0, final inversion (the kernel's crc32c() with
+    /// seed !0, inverted).
+    fn crc32c(&self, data: &[u8]) -> u32;
+}
+
+/// Reads a little-endian u16 at `off`.
+#[inline]
+pub fn get16(b: &[u8], off: usize) -> u16 {
+    u16::from_le_bytes([b[off], b[off + 1]])
+}
+
+/// Reads a little-endian u32 at `off`.
+#[inline]
+pub fn get32(b: &[u8], off: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[off..off + 4]);
+    u32::from_le_bytes(a)
+}
+
+/// Reads a little-endian u64 at `off`.
+#[inline]
+pub fn get64(b: &[u8], off: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[off..off + 8]);
+    u64::from_le_bytes(a)
+}
+
+/// Writes a little-endian u16 at `off`.
+#[inline]
+pub fn put16(b: &mut [u8], off: usize, v: u16) {
+    b[off..off + 2].copy_from_slice(&v.to_le_bytes());
+}
+
+/// Writes a little-endian u32 at `off`.
+#[inline]
+pub fn put32(b: &mut [u8], off: usize, v: u32) {
+    b[off..off + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+/// Writes a little-endian u64 at `off`.
+#[inline]
+pub fn put64(b: &mut [u8], off: usize, v: u64) {
+    b[off..off + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+// Header layout: crc32c u32 @0 (of bytes 4..), type u32 @4, block number u64 @8,
+// store id u64 @16, type-specific u64 @24.
+const H_CRC: usize = 0;
+const H_TYPE: usize = 4;
+const H_BLOCKNR: usize = 8;
+const H_STORE_ID: usize = 16;
+/// Offset of the type-specific header word.
+pub const H_AUX: usize = 24;
+
+/// Fills in a block's header fields (not the checksum).
+pub fn init_header(b: &mut Block, ty: BlockType, nr: u64, store_id: u64) {
+    put32(b, H_TYPE, ty.tag());
+    put64(b, H_BLOCKNR, nr);
+    put64(b, H_STORE_ID, store_id);
+}
+
+/// Block number recorded in a header.
+pub fn header_blocknr(b: &Block) -> u64 {
+    get64(b, H_BLOCKNR)
+}
+
+/// Type tag recorded in a header.
+pub fn header_type(b: &Block) -> u32 {
+    get32(b, H_TYPE)
+}
+
+/// Computes and stores the block's checksum.
+pub fn seal(io: &impl BlockIo, b: &mut Block) {
+    let crc = io.crc32c(&b[4..]);
+    put32(b, H_CRC, crc);
+}
+
+/// Checksum of a whole block as stored in journal descriptors.
+pub fn block_crc(io: &impl BlockIo, b: &Block) -> u32 {
+    io.crc32c(&b[..])
+}
+
+/// Validates the common header: checksum, type, block number and store id.
+pub fn check_header(
+    io: &impl BlockIo,
+    b: &Block,
+    ty: BlockType,
+    nr: u64,
+    store_id: u64,
+) -> Result<()> {
+    if get32(b, H_CRC) != io.crc32c(&b[4..]) {
+        return Err(Error::Corrupt {
+            block: nr,
+            what: "checksum mismatch",
+        });
+    }
+    if get32(b, H_TYPE) != ty.tag() {
+        return Err(Error::Corrupt {
+            block: nr,
+            what: "wrong block type",
+        });
+    }
+    if get64(b, H_BLOCKNR) != nr {
+        return Err(Error::Corrupt {
+            block: nr,
+            what: "block number in header does not match its location",
+        });
+    }
+    if get64(b, H_STORE_ID) != store_id {
+        return Err(Error::Corrupt {
+            block: nr,
+            what: "block belongs to another store (store id)",
+        });
+    }
+    Ok(())
+}
