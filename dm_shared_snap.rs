@@ -29,7 +29,7 @@ use dm::{
     MapResult, MetaIo, Output, Registry, StatusType, Target, TargetOps, TryMutex, Worker,
 };
 use exception_store::format::{Block, BlockIo, Error as StoreError, BLOCK_SIZE, MAX_SNAPSHOTS};
-use exception_store::superblock::{Super, SNAP_INVALID, SNAP_LIVE};
+use exception_store::superblock::Super;
 use exception_store::{FormatParams, OriginWrite, SnapWrite, Source, Store};
 
 module! {
@@ -606,11 +606,7 @@ impl TargetOps for Origin {
                             sb.live_mask().count_ones()
                         );
                         let mut any = false;
-                        for snap in sb
-                            .snaps
-                            .iter()
-                            .filter(|x| x.flags & SNAP_LIVE != 0 && x.flags & SNAP_INVALID != 0)
-                        {
+                        for snap in sb.snaps.iter().filter(|x| x.is_live() && x.is_invalid()) {
                             let _ =
                                 write!(out, "{}{}", if any { "," } else { "invalid:" }, snap.id);
                             any = true;
@@ -699,7 +695,7 @@ impl TargetOps for Origin {
                 let st = sh.state.lock();
                 if let Some(s) = st.store.as_ref() {
                     let mut first = true;
-                    for snap in s.sb().snaps.iter().filter(|x| x.flags & SNAP_LIVE != 0) {
+                    for snap in s.sb().snaps.iter().filter(|x| x.is_live()) {
                         let _ = write!(out, "{}{}", if first { "" } else { " " }, snap.id);
                         first = false;
                     }
@@ -1377,7 +1373,6 @@ impl TargetOps for Snapshot {
                 return MapResult::Kill;
             }
             if let Some(s) = st.store.as_mut() {
-                let bit = 1u64 << self.slot;
                 let fast = if kind == BioKind::Read {
                     match s.lookup(chunk, self.slot, true) {
                         Ok(src) => Some(src),
@@ -1388,16 +1383,9 @@ impl TargetOps for Snapshot {
                     }
                 } else {
                     // Only a chunk this snapshot owns alone can be written without the worker.
-                    let mut own = None;
-                    let r = s.exceptions_of(chunk, true, |e| {
-                        if e.share == bit {
-                            own = Some(Source::Cow(e.cow));
-                        }
-                    });
-                    if r.is_ok() && s.sb().snaps[self.slot].flags & SNAP_INVALID == 0 {
-                        own
-                    } else {
-                        None
+                    match s.owned_alone(chunk, self.slot, true) {
+                        Ok(own) if !s.sb().snaps[self.slot].is_invalid() => own.map(Source::Cow),
+                        _ => None,
                     }
                 };
                 let (dev, sector) = match fast {
@@ -1430,7 +1418,7 @@ impl TargetOps for Snapshot {
                 let st = self.shared.state.lock();
                 let slot = st.store.as_ref().map(|s| s.sb().snaps[self.slot]);
                 match slot {
-                    Some(s) if st.failed.is_none() && s.flags & SNAP_INVALID == 0 => {
+                    Some(s) if st.failed.is_none() && !s.is_invalid() => {
                         let _ = write!(out, "active {}", s.owned);
                     }
                     Some(s) => {

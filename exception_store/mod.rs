@@ -551,6 +551,24 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
         Ok(src)
     }
 
+    /// The COW chunk snapshot `slot` owns alone for `chunk` (an exception whose share is
+    /// exactly its bit: a write goes there in place), if any.
+    pub fn owned_alone(
+        &mut self,
+        chunk: u64,
+        slot: usize,
+        nonblocking: bool,
+    ) -> Result<Option<u64>> {
+        let bit = 1u64 << slot;
+        let mut own = None;
+        self.exceptions_of(chunk, nonblocking, |e| {
+            if e.share == bit {
+                own = Some(e.cow);
+            }
+        })?;
+        Ok(own)
+    }
+
     /// Bitmap of valid live snapshots that still share `chunk` with the origin.
     pub fn origin_sharers(&mut self, chunk: u64, nonblocking: bool) -> Result<u64> {
         let live = self.sb.valid_mask();
