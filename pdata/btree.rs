@@ -548,3 +548,242 @@ pub fn prune(ns: &mut impl NodeStore, root: &mut Root, path: &Path) -> Result<()
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::block::init_header;
+    use super::*;
+    use std::vec::Vec;
+
+    /// A toy value: a u32 that orders the entries of one key; 0 is invalid, and a key may
+    /// hold at most 4 values.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    struct Toy(u32);
+
+    impl Value for Toy {
+        const SIZE: usize = 4;
+        type Context = ();
+        fn pack(&self, out: &mut [u8]) {
+            out.copy_from_slice(&self.0.to_le_bytes());
+        }
+        fn unpack(b: &[u8]) -> Self {
+            Toy(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        }
+        fn sub_key(&self) -> u64 {
+            self.0 as u64
+        }
+        fn validate(&self, _: &()) -> core::result::Result<(), &'static str> {
+            if self.0 == 0 {
+                return Err("zero value");
+            }
+            Ok(())
+        }
+        fn validate_same_key(
+            _: &Self,
+            _: &Self,
+            run: usize,
+        ) -> core::result::Result<(), &'static str> {
+            if run > 4 {
+                return Err("too many values for one key");
+            }
+            Ok(())
+        }
+    }
+
+    /// Nodes in a Vec: block number = index; freed blocks are remembered, not reused.
+    struct Mem {
+        nodes: Vec<Block>,
+        free: Vec<bool>,
+        limit: usize,
+    }
+
+    impl Mem {
+        fn new() -> (Mem, Root) {
+            let mut m = Mem {
+                nodes: Vec::new(),
+                free: Vec::new(),
+                limit: 100_000,
+            };
+            let (blk, _) = m.alloc_node(0).unwrap();
+            (
+                m,
+                Root {
+                    block: blk,
+                    depth: 1,
+                },
+            )
+        }
+
+        fn in_use(&self) -> usize {
+            self.free.iter().filter(|f| !**f).count()
+        }
+    }
+
+    impl NodeStore for Mem {
+        fn node(&mut self, block: u64, level: u16, _: bool) -> Result<usize> {
+            let b = &self.nodes[block as usize];
+            assert!(!self.free[block as usize], "freed node {} reached", block);
+            validate_node::<Toy>(b, block, level, |c| (c as usize) < self.nodes.len(), &())?;
+            Ok(block as usize)
+        }
+        fn nb(&self, slot: usize) -> &Block {
+            &self.nodes[slot]
+        }
+        fn nb_mut(&mut self, slot: usize) -> &mut Block {
+            &mut self.nodes[slot]
+        }
+        fn nb_mut2(&mut self, a: usize, b: usize) -> Result<(&mut Block, &mut Block)> {
+            assert!(a < b, "the new node comes after");
+            let (x, y) = self.nodes.split_at_mut(b);
+            Ok((&mut x[a], &mut y[0]))
+        }
+        fn alloc_node(&mut self, level: u16) -> Result<(u64, usize)> {
+            let blk = self.nodes.len();
+            let mut b = [0u8; BLOCK_SIZE];
+            init_header(&mut b, node_type(level), blk as u64, 1);
+            init_node(&mut b, level);
+            self.nodes.push(b);
+            self.free.push(false);
+            Ok((blk as u64, blk))
+        }
+        fn free_node(&mut self, block: u64) -> Result<()> {
+            assert!(!self.free[block as usize], "double free of node {}", block);
+            self.free[block as usize] = true;
+            Ok(())
+        }
+        fn meta_free(&self) -> u64 {
+            (self.limit - self.in_use()) as u64
+        }
+    }
+
+    /// The values of `key`, in order.
+    fn lookup(m: &mut Mem, root: Root, key: u64) -> Vec<u32> {
+        let p = find_leaf::<Toy>(m, root, key, false).unwrap();
+        let b = m.nb(p.leaf.1);
+        let (s, e) = key_range::<Toy>(b, key);
+        (s..e).map(|i| leaf_value::<Toy>(b, i).0).collect()
+    }
+
+    /// Keys 0..n in a scrambled order, value key + 1.
+    fn fill(m: &mut Mem, root: &mut Root, n: u64) {
+        for i in 0..n {
+            let k = (i * 7919) % n;
+            insert(m, root, k * 10, Toy(k as u32 + 1)).unwrap();
+        }
+    }
+
+    #[test]
+    fn insert_and_lookup_many_keys() {
+        let (mut m, mut root) = Mem::new();
+        let n = 100_000u64;
+        fill(&mut m, &mut root, n);
+        // 100000 entries of 12 bytes: more leaves than one internal node holds.
+        assert_eq!(leaf_cap::<Toy>(), 338);
+        assert_eq!(root.depth, 3, "leaves and internal nodes were split");
+        for k in 0..n {
+            assert_eq!(
+                lookup(&mut m, root, k * 10),
+                [k as u32 + 1],
+                "key {}",
+                k * 10
+            );
+            assert_eq!(lookup(&mut m, root, k * 10 + 5), Vec::<u32>::new());
+        }
+        // A walk of the leaves in key order sees every key once, in order.
+        let (mut key, mut seen) = (0u64, 0u64);
+        loop {
+            let p = find_leaf::<Toy>(&mut m, root, key, false).unwrap();
+            let b = m.nb(p.leaf.1);
+            for i in 0..count(b) {
+                assert_eq!(leaf_key::<Toy>(b, i), seen * 10);
+                seen += 1;
+            }
+            match p.upper {
+                Some(u) => key = u,
+                None => break,
+            }
+        }
+        assert_eq!(seen, n);
+    }
+
+    #[test]
+    fn several_values_per_key_stay_sorted() {
+        let (mut m, mut root) = Mem::new();
+        fill(&mut m, &mut root, 2000);
+        for v in [900_000, 5, 70] {
+            insert(&mut m, &mut root, 420, Toy(v)).unwrap();
+        }
+        // Key 420 had value 43; the others sort in by value.
+        assert_eq!(lookup(&mut m, root, 420), [5, 43, 70, 900_000]);
+        // One more than validate_same_key allows makes the leaf unreadable.
+        let p = find_leaf::<Toy>(&mut m, root, 420, false).unwrap();
+        insert(&mut m, &mut root, 420, Toy(6)).unwrap();
+        let r = m.node(p.leaf.0, 0, false);
+        assert!(
+            matches!(
+                r,
+                Err(Error::Corrupt {
+                    what: "too many values for one key",
+                    ..
+                })
+            ),
+            "{:?}",
+            r
+        );
+    }
+
+    #[test]
+    fn remove_everything_collapses_the_tree() {
+        let (mut m, mut root) = Mem::new();
+        let n = 5000u64;
+        fill(&mut m, &mut root, n);
+        assert!(root.depth >= 2);
+        for i in 0..n {
+            let k = ((i * 31) % n) * 10;
+            let p = find_leaf::<Toy>(&mut m, root, k, false).unwrap();
+            let (s, e) = key_range::<Toy>(m.nb(p.leaf.1), k);
+            assert_eq!(e - s, 1, "key {} present once", k);
+            remove_at::<Toy>(&mut m, &mut root, &p, s).unwrap();
+            assert_eq!(lookup(&mut m, root, k), Vec::<u32>::new());
+        }
+        assert_eq!(root.depth, 1);
+        assert_eq!(count(m.nb(root.block as usize)), 0);
+        assert_eq!(m.in_use(), 1, "only the empty root leaf is left");
+    }
+
+    #[test]
+    fn validation_rejects_bad_leaves() {
+        let (mut m, mut root) = Mem::new();
+        fill(&mut m, &mut root, 100);
+        let blk = root.block as usize;
+        assert_eq!(root.depth, 1);
+        let good = m.nodes[blk];
+        let check = |b: &Block| validate_node::<Toy>(b, blk as u64, 0, |_| true, &());
+        assert_eq!(check(&good), Ok(()));
+        let mut b = good;
+        set_leaf_entry(&mut b, 3, 5, &Toy(6)); // key 5 after key 20
+        assert!(matches!(
+            check(&b),
+            Err(Error::Corrupt {
+                what: "leaf entries out of order",
+                ..
+            })
+        ));
+        let mut b = good;
+        set_leaf_value(&mut b, 7, &Toy(0));
+        assert!(matches!(
+            check(&b),
+            Err(Error::Corrupt {
+                what: "zero value",
+                ..
+            })
+        ));
+        let mut b = good;
+        set_count(&mut b, leaf_cap::<Toy>() + 1);
+        assert!(matches!(check(&b), Err(Error::Corrupt { .. })));
+        assert!(matches!(
+            validate_node::<Toy>(&good, blk as u64, 1, |_| true, &()),
+            Err(Error::Corrupt { .. })
+        ));
+    }
+}

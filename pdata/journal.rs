@@ -438,3 +438,126 @@ pub fn replay(
     write_header(io, &mut j, store_id, d)?;
     Ok((j, rep))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{TestDev, TestMem};
+    use super::*;
+
+    const STORE: u64 = 0x10c;
+    const REGION: Region = Region {
+        start: 4,
+        blocks: 2 * (MAX_TX_BLOCKS as u64 + 1) + 2,
+    };
+    /// Home blocks live from 1000 on.
+    const HOME: u64 = 1000;
+
+    fn home_ok(b: u64) -> bool {
+        b >= HOME
+    }
+
+    /// A formatted journal, opened (an empty replay) with a cache over it.
+    fn setup() -> (TestDev, Cache<TestMem>, Journal) {
+        let mut dev = TestDev::new(HOME + 100);
+        let mut cache = Cache::new(TestMem::new(32)).unwrap();
+        format(&mut dev, REGION, STORE, cache.scratch(0)).unwrap();
+        let (a, b) = cache.scratch2();
+        let (j, rep) = replay(&mut dev, REGION, home_ok, STORE, a, b).unwrap();
+        assert_eq!(rep, ReplayReport::default());
+        (dev, cache, j)
+    }
+
+    /// Dirties home blocks `blocks` with `fill` as their content, then commits.
+    fn tx(
+        dev: &mut TestDev,
+        cache: &mut Cache<TestMem>,
+        j: &mut Journal,
+        blocks: &[u64],
+        fill: u8,
+    ) {
+        cache.begin_op();
+        for &nr in blocks {
+            let slot = cache.get_new(dev, nr).unwrap();
+            let b = cache.data_mut(slot);
+            init_header(b, BlockType::Bitmap, nr, STORE);
+            b[HEADER_SIZE..].fill(fill);
+        }
+        commit(dev, cache, j, STORE).unwrap();
+    }
+
+    fn replay_fresh(dev: &mut TestDev) -> Result<(Journal, ReplayReport)> {
+        let (mut a, mut b) = ([0u8; BLOCK_SIZE], [0u8; BLOCK_SIZE]);
+        replay(dev, REGION, home_ok, STORE, &mut a, &mut b)
+    }
+
+    #[test]
+    fn commit_then_replay_writes_home() {
+        let (mut dev, mut cache, mut j) = setup();
+        tx(&mut dev, &mut cache, &mut j, &[HOME, HOME + 1], 0xa1);
+        tx(&mut dev, &mut cache, &mut j, &[HOME + 1, HOME + 2], 0xb2);
+        // Home writes are lazy: nothing reached home yet (a crash now).
+        assert_eq!(dev.peek(HOME), [0; BLOCK_SIZE]);
+        let (j2, rep) = replay_fresh(&mut dev).unwrap();
+        assert_eq!((rep.applied, rep.blocks, rep.torn_tail), (2, 4, false));
+        assert_eq!(dev.peek(HOME)[HEADER_SIZE], 0xa1);
+        assert_eq!(
+            dev.peek(HOME + 1)[HEADER_SIZE],
+            0xb2,
+            "the later image wins"
+        );
+        assert_eq!(dev.peek(HOME + 2)[HEADER_SIZE], 0xb2);
+        // Replay moved the header past both and skipped a sequence number.
+        assert_eq!((j2.off, j2.seq), (j.off, j.seq + 1));
+        let (_, again) = replay_fresh(&mut dev).unwrap();
+        assert_eq!(again.applied, 0, "nothing is replayed twice");
+        let (a, b) = cache.scratch2();
+        let (_, pending) = needs_replay(&mut dev, REGION, home_ok, STORE, a, b).unwrap();
+        assert!(!pending);
+    }
+
+    #[test]
+    fn torn_tail_is_dropped() {
+        let (mut dev, mut cache, mut j) = setup();
+        tx(&mut dev, &mut cache, &mut j, &[HOME], 0x11);
+        let second = j.off;
+        tx(&mut dev, &mut cache, &mut j, &[HOME, HOME + 5], 0x22);
+        // Tear the second transaction: its last image never reached the disk.
+        let last = REGION.start + (second + 2) % REGION.blocks;
+        dev.write_block(last, &[0; BLOCK_SIZE]).unwrap();
+        let (a, b) = cache.scratch2();
+        let (_, pending) = needs_replay(&mut dev, REGION, home_ok, STORE, a, b).unwrap();
+        assert!(pending, "the first transaction is complete");
+        let (_, rep) = replay_fresh(&mut dev).unwrap();
+        assert_eq!((rep.applied, rep.torn_tail), (1, true));
+        assert_eq!(dev.peek(HOME)[HEADER_SIZE], 0x11);
+        assert_eq!(dev.peek(HOME + 5), [0; BLOCK_SIZE]);
+    }
+
+    #[test]
+    fn damage_before_a_committed_transaction_fails() {
+        let (mut dev, mut cache, mut j) = setup();
+        let first = j.off;
+        tx(&mut dev, &mut cache, &mut j, &[HOME], 0x11);
+        tx(&mut dev, &mut cache, &mut j, &[HOME + 1], 0x22);
+        let img = REGION.start + (first + 1) % REGION.blocks;
+        let mut b = dev.peek(img);
+        b[HEADER_SIZE + 7] ^= 0x40;
+        dev.write_block(img, &b).unwrap();
+        let r = replay_fresh(&mut dev);
+        assert!(
+            matches!(r, Err(Error::Corrupt { what, .. }) if what.contains("damaged before")),
+            "{:?}",
+            r
+        );
+    }
+
+    #[test]
+    fn descriptor_naming_a_foreign_block_is_corrupt() {
+        let (mut dev, mut cache, mut j) = setup();
+        tx(&mut dev, &mut cache, &mut j, &[HOME + 3], 0x33);
+        let mut a = [0u8; BLOCK_SIZE];
+        let mut b = [0u8; BLOCK_SIZE];
+        let r = replay(&mut dev, REGION, |h| h > HOME + 3, STORE, &mut a, &mut b);
+        assert!(matches!(r, Err(Error::Corrupt { .. })), "{:?}", r);
+    }
+}

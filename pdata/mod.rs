@@ -8,3 +8,6 @@ pub mod btree;
 pub mod cache;
 pub mod journal;
 pub mod space_map;
+
+#[cfg(test)]
+mod testing;

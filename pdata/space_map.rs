@@ -195,3 +195,138 @@ pub fn format(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{TestDev, TestMem};
+    use super::*;
+    use std::vec::Vec;
+
+    const STORE: u64 = 0x5eed;
+
+    /// A formatted space map of `size` entries (bitmap blocks from block 10).
+    fn setup(size: u64, deferred: bool) -> (TestDev, Cache<TestMem>, SpaceMap) {
+        let mut dev = TestDev::new(1000);
+        let blocks = size.div_ceil(BITS_PER_BITMAP);
+        let mut scratch = [0u8; BLOCK_SIZE];
+        format(&mut dev, 10, blocks, 0, STORE, &mut scratch).unwrap();
+        let cache = Cache::new(TestMem::new(32)).unwrap();
+        let sm = SpaceMap {
+            bitmap_start: 10,
+            size,
+            used: 0,
+            hint: 0,
+            store_id: STORE,
+            deferred: deferred.then_some(0),
+        };
+        (dev, cache, sm)
+    }
+
+    fn alloc(dev: &mut TestDev, cache: &mut Cache<TestMem>, sm: &mut SpaceMap) -> Option<u64> {
+        cache.begin_op();
+        sm.alloc(dev, cache).unwrap()
+    }
+
+    #[test]
+    fn allocates_in_order_until_full() {
+        let (mut dev, mut cache, mut sm) = setup(100, false);
+        let got: Vec<u64> = (0..100)
+            .map(|_| alloc(&mut dev, &mut cache, &mut sm).unwrap())
+            .collect();
+        assert_eq!(got, (0..100).collect::<Vec<u64>>());
+        assert_eq!(sm.used, 100);
+        assert_eq!(alloc(&mut dev, &mut cache, &mut sm), None, "full");
+        for i in [3, 97] {
+            cache.begin_op();
+            assert!(sm.is_allocated(&mut dev, &mut cache, i).unwrap());
+        }
+    }
+
+    #[test]
+    fn free_then_reuse_and_errors() {
+        let (mut dev, mut cache, mut sm) = setup(100, false);
+        for _ in 0..100 {
+            alloc(&mut dev, &mut cache, &mut sm).unwrap();
+        }
+        cache.begin_op();
+        sm.free(&mut dev, &mut cache, 42).unwrap();
+        assert_eq!(sm.used, 99);
+        assert!(!sm.is_allocated(&mut dev, &mut cache, 42).unwrap());
+        // The hint (100) wraps to 0 and the search finds the hole.
+        assert_eq!(alloc(&mut dev, &mut cache, &mut sm), Some(42));
+        assert_eq!(sm.hint, 43);
+        cache.begin_op();
+        sm.free(&mut dev, &mut cache, 7).unwrap();
+        let r = sm.free(&mut dev, &mut cache, 7);
+        assert!(
+            matches!(r, Err(Error::Corrupt { what, .. }) if what.contains("double free")),
+            "{:?}",
+            r
+        );
+        let r = sm.free(&mut dev, &mut cache, 100);
+        assert!(matches!(r, Err(Error::Corrupt { .. })), "{:?}", r);
+    }
+
+    #[test]
+    fn hint_wraps_around_the_end() {
+        let (mut dev, mut cache, mut sm) = setup(100, false);
+        sm.hint = 1095; // taken modulo the size: 95
+        let got: Vec<u64> = (0..10)
+            .map(|_| alloc(&mut dev, &mut cache, &mut sm).unwrap())
+            .collect();
+        assert_eq!(got, [95, 96, 97, 98, 99, 0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn crosses_bitmap_blocks() {
+        let size = BITS_PER_BITMAP + 100;
+        let (mut dev, mut cache, mut sm) = setup(size, false);
+        sm.hint = BITS_PER_BITMAP - 2;
+        let got: Vec<u64> = (0..4)
+            .map(|_| alloc(&mut dev, &mut cache, &mut sm).unwrap())
+            .collect();
+        let b = BITS_PER_BITMAP;
+        assert_eq!(got, [b - 2, b - 1, b, b + 1]);
+        // The bits landed in two different bitmap blocks.
+        cache.begin_op();
+        assert!(sm.is_allocated(&mut dev, &mut cache, b - 1).unwrap());
+        assert!(sm.is_allocated(&mut dev, &mut cache, b).unwrap());
+        assert!(!sm.is_allocated(&mut dev, &mut cache, b + 2).unwrap());
+    }
+
+    #[test]
+    fn deferred_frees_wait_for_the_commit() {
+        let (mut dev, mut cache, mut sm) = setup(10, true);
+        for _ in 0..10 {
+            alloc(&mut dev, &mut cache, &mut sm).unwrap();
+        }
+        cache.begin_op();
+        sm.free(&mut dev, &mut cache, 4).unwrap();
+        assert_eq!(sm.deferred, Some(1));
+        assert_eq!(
+            alloc(&mut dev, &mut cache, &mut sm),
+            None,
+            "freed but pending"
+        );
+        sm.deferred = Some(0); // the transaction committed
+        assert_eq!(alloc(&mut dev, &mut cache, &mut sm), Some(4));
+        sm.deferred = Some(PENDING_MAX);
+        cache.begin_op();
+        assert_eq!(sm.free(&mut dev, &mut cache, 5), Err(Error::TxFull));
+    }
+
+    #[test]
+    fn rejects_a_damaged_bitmap_block() {
+        let (mut dev, mut cache, mut sm) = setup(100, false);
+        let mut b = dev.peek(10);
+        b[100] ^= 1;
+        dev.write_block(10, &b).unwrap();
+        cache.begin_op();
+        let r = sm.alloc(&mut dev, &mut cache);
+        assert!(
+            matches!(r, Err(Error::Corrupt { block: 10, .. })),
+            "{:?}",
+            r
+        );
+    }
+}

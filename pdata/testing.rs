@@ -1,0 +1,89 @@
+//! Test helpers for the unit tests of this layer (compiled only by `cargo test`): an
+//! in-memory block device and heap cache memory, so the tests need nothing above `pdata`.
+
+use super::block::{Block, BlockIo, Error, Result, BLOCK_SIZE};
+use super::cache::{CacheMem, Parts, Slot, SCRATCH_BLOCKS};
+use super::space_map::PENDING_MAX;
+use std::collections::HashMap;
+use std::vec::Vec;
+
+/// A device whose writes are durable at once; unwritten blocks read as zeroes.
+pub struct TestDev {
+    pub blocks: u64,
+    pub data: HashMap<u64, Block>,
+}
+
+impl TestDev {
+    pub fn new(blocks: u64) -> Self {
+        TestDev {
+            blocks,
+            data: HashMap::new(),
+        }
+    }
+
+    pub fn peek(&self, nr: u64) -> Block {
+        self.data.get(&nr).copied().unwrap_or([0; BLOCK_SIZE])
+    }
+}
+
+impl BlockIo for TestDev {
+    fn read_block(&mut self, nr: u64, buf: &mut Block) -> Result<()> {
+        if nr >= self.blocks {
+            return Err(Error::Io { block: nr });
+        }
+        *buf = self.peek(nr);
+        Ok(())
+    }
+    fn write_block(&mut self, nr: u64, buf: &Block) -> Result<()> {
+        if nr >= self.blocks {
+            return Err(Error::Io { block: nr });
+        }
+        self.data.insert(nr, *buf);
+        Ok(())
+    }
+    fn flush(&mut self) -> Result<()> {
+        Ok(())
+    }
+    fn size_blocks(&self) -> u64 {
+        self.blocks
+    }
+    fn crc32c(&self, data: &[u8]) -> u32 {
+        crc32c::crc32c(data)
+    }
+}
+
+/// Cache memory from the heap.
+pub struct TestMem {
+    blocks: Vec<Block>,
+    slots: Vec<Slot>,
+    buckets: Vec<u32>,
+    pending: Vec<u64>,
+}
+
+impl TestMem {
+    pub fn new(n: usize) -> Self {
+        TestMem {
+            blocks: std::vec![[0u8; BLOCK_SIZE]; n + SCRATCH_BLOCKS],
+            slots: std::vec![Slot::new(); n],
+            buckets: std::vec![0; (2 * n).next_power_of_two()],
+            pending: std::vec![0; PENDING_MAX],
+        }
+    }
+}
+
+impl CacheMem for TestMem {
+    fn parts(&mut self) -> Parts<'_> {
+        Parts {
+            blocks: &mut self.blocks,
+            slots: &mut self.slots,
+            buckets: &mut self.buckets,
+            pending: &mut self.pending,
+        }
+    }
+    fn blocks(&self) -> &[Block] {
+        &self.blocks
+    }
+    fn slots(&self) -> &[Slot] {
+        &self.slots
+    }
+}
