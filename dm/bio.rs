@@ -13,6 +13,10 @@ use kernel::prelude::*;
 use super::device::Device;
 use super::ffi;
 
+/// Bytes of per-bio data every target of this module gets (`ti->per_io_data_size`, set
+/// before its constructor runs): the bio's tag, a u64.
+pub(super) const PER_BIO_DATA: u32 = core::mem::size_of::<u64>() as u32;
+
 /// Kinds of bios the targets distinguish, classified from `bio_op()` (`REQ_OP_*`).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum BioKind {
@@ -32,16 +36,16 @@ pub(crate) enum BioKind {
 ///
 /// # Invariants
 ///
-/// The pointer is a live bio of a target that uses 8 bytes of per-bio data (see
-/// [`super::Target::setup`]), for as long as this value (or the borrow it is reached
-/// through) exists.
+/// The pointer is a live bio of a target of this module (all of which have 8 bytes of
+/// per-bio data, see [`PER_BIO_DATA`]), for as long as this value (or the borrow it is
+/// reached through) exists.
 #[repr(transparent)]
 pub(crate) struct BioRef(NonNull<ffi::Bio>);
 
 impl BioRef {
     /// # Safety
     ///
-    /// `bio` is a live bio of a target set up with [`super::Target::setup`], and stays live
+    /// `bio` is a live bio of a target set up with [`PER_BIO_DATA`], and stays live
     /// while the result exists.
     pub(super) unsafe fn from_raw(bio: NonNull<ffi::Bio>) -> BioRef {
         // INVARIANT: the caller's guarantee.
@@ -73,7 +77,7 @@ impl BioRef {
         unsafe { ffi::dmss_bio_sectors(self.0.as_ptr()) }
     }
 
-    /// The target's per-bio word (set up by [`super::Target::setup`]).
+    /// The target's per-bio word.
     pub(crate) fn tag(&self) -> u64 {
         // SAFETY: the per-bio data is 8 bytes, aligned for a u64, of a live bio (type
         // invariant); the word is written only by the bio's owner, which reads it here or
@@ -99,7 +103,7 @@ unsafe impl Send for Bio {}
 impl Bio {
     /// # Safety
     ///
-    /// `bio` is a live bio of a target set up with [`super::Target::setup`], and ownership
+    /// `bio` is a live bio of a target set up with [`PER_BIO_DATA`], and ownership
     /// of it passes to the result.
     pub(super) unsafe fn from_raw(bio: NonNull<ffi::Bio>) -> Bio {
         // INVARIANT: the caller's guarantee.

@@ -2,8 +2,8 @@
 /*
  * dm-shared-snap C glue: the small C surface the Rust binding layer (dm/) calls.
  * It builds one target_type per registered Rust target type, forwards its callbacks to that
- * type's operations table, and wraps inline helpers and C structures (bio fields, dm-io, workqueue, wait queues)
- * that Rust-for-Linux 6.12 does not expose.
+ * type's operations table, and wraps inline helpers and C structures (bio fields, dm-io,
+ * workqueue, wait queues) that Rust-for-Linux 6.12 does not expose.  It knows no target.
  */
 #ifndef DMSS_GLUE_H
 #define DMSS_GLUE_H

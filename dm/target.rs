@@ -12,7 +12,7 @@ use core::ptr::NonNull;
 use kernel::ffi::{c_char, c_int, c_uint};
 use kernel::prelude::*;
 
-use super::bio::{BioRef, MapBio};
+use super::bio::{BioRef, MapBio, PER_BIO_DATA};
 use super::device::Device;
 use super::ffi;
 
@@ -219,12 +219,13 @@ impl Deref for CtrTarget {
 }
 
 impl CtrTarget {
-    /// Sets the largest bio (split at `max_io_len` boundaries; 0 for none), 8 bytes of
-    /// per-bio data (the bio's tag) and the number of flush bios the target gets.
+    /// Sets the largest bio (split at `max_io_len` boundaries; 0 for none) and the number
+    /// of flush bios the target gets (and no discard bios).
     pub(crate) fn setup(&self, max_io_len: u32, flush_bios: u32) -> Result {
         // SAFETY: called from the constructor (type invariant), when dm expects these fields
-        // to be set; the 8-byte per-bio data is what `BioRef::tag` relies on.
-        let r = unsafe { ffi::dmss_ti_setup(self.t.0.as_ptr(), max_io_len, 8, flush_bios) };
+        // to be set; the per-bio data size stays what `Adapter::ctr` set.
+        let r =
+            unsafe { ffi::dmss_ti_setup(self.t.0.as_ptr(), max_io_len, PER_BIO_DATA, flush_bios) };
         if r < 0 {
             return Err(Error::from_errno(r));
         }
@@ -428,6 +429,13 @@ impl<T: TargetOps> Adapter<T> {
             t.set_error(kernel::c_str!("too many arguments"));
             return EINVAL.to_errno();
         };
+        // SAFETY: the constructor is where dm expects these fields to be set: per-bio data
+        // for the tag every bio of this target carries (see `BioRef`), no split, no flush
+        // or discard bios until the target's own `setup`.
+        let r = unsafe { ffi::dmss_ti_setup(ti, 0, PER_BIO_DATA, 0) };
+        if r < 0 {
+            return r;
+        }
         // INVARIANT: this is the constructor call of `t`.
         let ct = CtrTarget { t };
         match T::ctr(&ct, &buf[..n]) {
