@@ -23,14 +23,16 @@ mod dm;
 mod exception_store;
 #[allow(dead_code, unreachable_pub, clippy::all)]
 mod pdata;
+mod store_io;
 
 use dm::{
-    Bio, BioKind, BioRef, CacheMemory, Copier, DevHandle, Device, EventHandle, Inflight, MapBio,
-    MapResult, MetaIo, Output, Registry, StatusType, Target, TargetOps, TryMutex, Worker,
+    Bio, BioKind, BioRef, Copier, CtrTarget, Device, EventHandle, Inflight, MapBio, MapResult,
+    Output, Registration, Registry, StatusType, Target, TargetOps, TryMutex, WorkHandler, Worker,
 };
 use exception_store::format::{Block, BlockIo, Error as StoreError, BLOCK_SIZE, MAX_SNAPSHOTS};
 use exception_store::superblock::Super;
 use exception_store::{FormatParams, OriginWrite, SnapWrite, Source, Store};
+use store_io::{CacheMemory, MetaIo};
 
 module! {
     type: DmSharedSnapModule,
@@ -40,19 +42,27 @@ module! {
     license: "GPL",
 }
 
-struct DmSharedSnapModule;
+struct DmSharedSnapModule {
+    origin: Option<Registration<Origin>>,
+    snapshot: Option<Registration<Snapshot>>,
+}
 
 impl kernel::Module for DmSharedSnapModule {
     fn init(_module: &'static ThisModule) -> Result<Self> {
-        dm::register()?;
+        let origin = Registration::new(c_str!("shared-origin"), [1, 0, 0])?;
+        let snapshot = Registration::new(c_str!("shared-snapshot"), [1, 0, 0])?;
         pr_info!("shared-snapshot targets registered\n");
-        Ok(DmSharedSnapModule)
+        Ok(DmSharedSnapModule {
+            origin: Some(origin),
+            snapshot: Some(snapshot),
+        })
     }
 }
 
 impl Drop for DmSharedSnapModule {
     fn drop(&mut self) {
-        dm::unregister();
+        drop(self.snapshot.take());
+        drop(self.origin.take());
         ORIGINS.free();
     }
 }
@@ -102,10 +112,10 @@ impl core::fmt::Display for DevT {
 /// What the worker may use while the origin target exists: the origin target's open
 /// devices and its dm_target (for events).  The origin's destructor takes it away under the
 /// state lock before it releases them, so whoever holds the lock and sees it may use it.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Attached {
-    origin_h: DevHandle,
-    cow_h: DevHandle,
+    origin_h: Device,
+    cow_h: Device,
     event: EventHandle,
 }
 
@@ -120,6 +130,8 @@ struct State {
     snap_refs: [u32; MAX_SNAPSHOTS],
     /// Worker statistics (the `stats` message).
     stats: Stats,
+    /// Copies chunks for the worker's batches.
+    copier: Copier,
     /// Set when the batch in progress lost its store (its copies and commit are void).
     gave_up: bool,
     /// A snapshot was invalidated (COW device full) and that is not committed yet: until it
@@ -132,7 +144,7 @@ struct State {
 impl State {
     /// Raises a dm event on the origin (wakes `dmsetup wait`), if it still exists.
     fn raise_event(&self) {
-        if let Some(a) = self.attached {
+        if let Some(a) = &self.attached {
             a.event.raise();
         }
     }
@@ -159,10 +171,9 @@ struct Stats {
 /// outlives the origin target while snapshot targets hold it; it owns no device (each
 /// target holds its own), so nothing in it dangles when the origin table goes.
 pub(crate) struct Shared {
-    // Dropped first: drains the worker while everything it uses is alive.
-    worker: Worker,
+    // Shut down first, by `Drop`: drains the worker while everything it uses is alive.
+    worker: Worker<Shared>,
     state: TryMutex<State>,
-    copier: Copier,
     writes_inflight: Inflight,
     /// Snapshot reads in flight (from the origin or the COW device): a batch that lets the
     /// origin or another snapshot overwrite what such a read may be reading waits for them.
@@ -178,11 +189,16 @@ pub(crate) struct Shared {
     origin_sectors: u64,
 }
 
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.worker.shutdown();
+    }
+}
+
 /// The `shared-origin` target.  (The issue asked for `shared-snapshot-origin`, but target
 /// type names travel in the 16-byte `dm_target_spec.target_type` of the dm ioctl ABI, so
 /// names of 16 characters or more cannot be loaded by dmsetup at all.)
 pub(crate) struct Origin {
-    // Dropped first: the devices below outlive every use the shared state makes of them.
     shared: Arc<Shared>,
     origin: Device,
     cow: Device,
@@ -245,7 +261,7 @@ impl Origin {
     /// Formats the COW device if its first block is zero.
     #[inline(never)]
     fn format_if_new(
-        t: &Target,
+        t: &CtrTarget,
         cow: &Device,
         io: &mut MetaIo,
         chunk: u32,
@@ -286,7 +302,7 @@ impl Origin {
     }
 
     #[inline(never)]
-    fn open_store(t: &Target, cow: &Device, chunk: u32, readonly: bool) -> Result<KBox<KStore>> {
+    fn open_store(t: &CtrTarget, cow: &Device, chunk: u32, readonly: bool) -> Result<KBox<KStore>> {
         let mut io = MetaIo::new(cow)?;
         let mem = CacheMemory::new(CACHE_BLOCKS)?;
         Self::format_if_new(t, cow, &mut io, chunk, readonly)?;
@@ -334,7 +350,7 @@ impl Origin {
     /// The rest of the constructor, once the devices are claimed.
     #[inline(never)]
     fn construct(
-        t: &Target,
+        t: &CtrTarget,
         key: OriginKey,
         origin: Device,
         cow: Device,
@@ -354,8 +370,8 @@ impl Origin {
         let nsnaps = store.sb().live_mask().count_ones();
         let usage = store.usage();
         let attached = Attached {
-            origin_h: origin.handle(),
-            cow_h: cow.handle(),
+            origin_h: origin.clone(),
+            cow_h: cow.clone(),
             event: t.event_handle(),
         };
         let shared = Shared {
@@ -366,11 +382,11 @@ impl Origin {
                 failed: None,
                 snap_refs: [0; MAX_SNAPSHOTS],
                 stats: Stats::default(),
+                copier: Copier::new()?,
                 gave_up: false,
                 invalidation_pending: false,
                 suspended: false,
             })?,
-            copier: Copier::new()?,
             writes_inflight: Inflight::new()?,
             snap_reads: Inflight::new()?,
             key,
@@ -383,7 +399,7 @@ impl Origin {
         // On any error below, dropping `shared` drops the store unclosed: the next
         // activation replays its journal, as after a crash.
         let shared = Arc::new(shared, GFP_KERNEL)?;
-        shared.worker.start(&shared)?;
+        Worker::start(&shared)?;
         let o = KBox::new(
             Origin {
                 shared,
@@ -423,7 +439,7 @@ impl Origin {
 }
 
 impl TargetOps for Origin {
-    fn ctr(t: &Target, args: &[&CStr]) -> Result<KBox<Self>> {
+    fn ctr(t: &CtrTarget, args: &[&CStr]) -> Result<KBox<Self>> {
         let started = dm::now_ns();
         if args.len() < 3 {
             return Err(fail(
@@ -533,7 +549,7 @@ impl TargetOps for Origin {
         let sh = &*self.shared;
         bio.set_tag(0);
         let off = bio.sector() - t.begin();
-        let origin_h = self.origin.handle();
+        let origin_h = &self.origin;
         match bio.kind() {
             BioKind::Read | BioKind::Flush => {
                 bio.remap(origin_h, off);
@@ -740,12 +756,12 @@ impl TargetOps for Origin {
         self.shared.worker.kick();
     }
 
-    fn device(&self, idx: u32) -> Option<(DevHandle, u64)> {
+    fn device(&self, idx: u32) -> Option<(&Device, u64)> {
         // The origin is mapped linearly over [0, len); the COW device is addressed anywhere
         // in it, so it counts whole (it may be smaller than the origin).
         match idx {
-            0 => Some((self.origin.handle(), self.shared.origin_sectors)),
-            1 => Some((self.cow.handle(), store_sectors(&self.cow))),
+            0 => Some((&self.origin, self.shared.origin_sectors)),
+            1 => Some((&self.cow, store_sectors(&self.cow))),
             _ => None,
         }
     }
@@ -991,12 +1007,12 @@ impl Shared {
         // waits for it.
         bio.set_tag(TAG_WRITE_COUNTED);
         self.writes_inflight.inc();
-        bio.remap(at.origin_h, off);
+        bio.remap(&at.origin_h, off);
         bio.submit();
     }
 
     /// Sends a snapshot read (counted: see `snap_reads`).
-    fn submit_snap_read(&self, mut bio: Bio, dev: DevHandle, sector: u64) {
+    fn submit_snap_read(&self, mut bio: Bio, dev: &Device, sector: u64) {
         bio.set_tag(bio.tag() | TAG_READ_COUNTED);
         self.snap_reads.inc();
         bio.remap(dev, sector);
@@ -1005,7 +1021,7 @@ impl Shared {
 
     /// Plans, copies, commits and releases one batch.  Returns false when the queue is empty.
     fn run_batch(&self, st: &mut State) -> bool {
-        let Some(at) = st.attached else {
+        let Some(at) = st.attached.clone() else {
             // The origin target is gone: fail what snapshots still send.
             let mut any = false;
             while let Some(bio) = self.worker.pop() {
@@ -1088,7 +1104,8 @@ impl Shared {
         // then write it in place without the worker).
         let mut drain_reads = false;
         // Adjacent chunks going to adjacent COW chunks are copied as one run.
-        let mut run: Option<(DevHandle, u64, u64, u64)> = None;
+        let mut run: Option<(&Device, u64, u64, u64)> = None;
+        let mut batch = st.copier.batch();
         for it in items[..n].iter().flatten() {
             let chunk = self.chunk_of(it.off);
             let copy = match it.action {
@@ -1096,7 +1113,7 @@ impl Shared {
                     drain_reads = true;
                     c.map(|c| {
                         (
-                            at.origin_h,
+                            &at.origin_h,
                             chunk << self.chunk_shift,
                             self.cow_sector(c, 0),
                         )
@@ -1109,12 +1126,12 @@ impl Shared {
                     drain_reads = true;
                     Some(match src {
                         Source::Origin => (
-                            at.origin_h,
+                            &at.origin_h,
                             chunk << self.chunk_shift,
                             self.cow_sector(dst, 0),
                         ),
                         Source::Cow(c) => {
-                            (at.cow_h, self.cow_sector(c, 0), self.cow_sector(dst, 0))
+                            (&at.cow_h, self.cow_sector(c, 0), self.cow_sector(dst, 0))
                         }
                     })
                 }
@@ -1140,10 +1157,10 @@ impl Shared {
             copying = true;
             st.stats.copied_chunks += 1;
             match run.as_mut() {
-                Some((d, s, t, n)) if d.same(&dev) && *s + *n == src && *t + *n == dst => *n += len,
+                Some((d, s, t, n)) if d.same(dev) && *s + *n == src && *t + *n == dst => *n += len,
                 _ => {
                     if let Some((d, s, t, n)) = run.take() {
-                        self.copier.copy(d, s, at.cow_h, t, n);
+                        batch.copy(d, s, &at.cow_h, t, n);
                         st.stats.copy_jobs += 1;
                     }
                     run = Some((dev, src, dst, len));
@@ -1151,12 +1168,18 @@ impl Shared {
             }
         }
         if let Some((d, s, t, n)) = run.take() {
-            self.copier.copy(d, s, at.cow_h, t, n);
+            batch.copy(d, s, &at.cow_h, t, n);
             st.stats.copy_jobs += 1;
         }
+        let copied = if copying {
+            batch.wait()
+        } else {
+            drop(batch);
+            Ok(())
+        };
         st.stats.batches += 1;
         st.stats.bios += n as u64;
-        if copying && self.copier.wait().is_err() {
+        if copied.is_err() {
             self.give_up(
                 st,
                 "copy to the COW device failed",
@@ -1204,12 +1227,12 @@ impl Shared {
                 Action::SnapRead(_) if valid & (1 << slot_of_tag(bio.tag())) == 0 => {
                     bio.endio(EIO.to_errno())
                 }
-                Action::SnapRead(Source::Origin) => self.submit_snap_read(bio, at.origin_h, off),
+                Action::SnapRead(Source::Origin) => self.submit_snap_read(bio, &at.origin_h, off),
                 Action::SnapRead(Source::Cow(c)) => {
-                    self.submit_snap_read(bio, at.cow_h, self.cow_sector(c, off))
+                    self.submit_snap_read(bio, &at.cow_h, self.cow_sector(c, off))
                 }
                 Action::SnapWrite { dst: c, .. } => {
-                    bio.remap(at.cow_h, self.cow_sector(c, off));
+                    bio.remap(&at.cow_h, self.cow_sector(c, off));
                     bio.submit();
                 }
             }
@@ -1244,9 +1267,15 @@ impl Shared {
             }
         }
     }
+}
+
+impl WorkHandler for Shared {
+    fn worker(&self) -> &Worker<Self> {
+        &self.worker
+    }
 
     /// The worker's entry point.
-    pub(crate) fn work(&self) {
+    fn work(&self) {
         loop {
             let mut st = self.state.lock();
             if !self.run_batch(&mut st) {
@@ -1275,7 +1304,7 @@ fn commit_op(
 }
 
 impl TargetOps for Snapshot {
-    fn ctr(t: &Target, args: &[&CStr]) -> Result<KBox<Self>> {
+    fn ctr(t: &CtrTarget, args: &[&CStr]) -> Result<KBox<Self>> {
         if args.len() != 2 {
             return Err(fail(t, c_str!("expected <origin_dev> <snap_id>"), EINVAL));
         }
@@ -1360,7 +1389,7 @@ impl TargetOps for Snapshot {
         match kind {
             // A snapshot's data lives on the COW device (or is the unchanged origin).
             BioKind::Flush => {
-                bio.remap(self.cow.handle(), 0);
+                bio.remap(&self.cow, 0);
                 return MapResult::Remapped;
             }
             BioKind::Write if self.readonly => return MapResult::Kill,
@@ -1389,8 +1418,8 @@ impl TargetOps for Snapshot {
                     }
                 };
                 let (dev, sector) = match fast {
-                    Some(Source::Origin) => (self.origin.handle(), off),
-                    Some(Source::Cow(c)) => (self.cow.handle(), sh.cow_sector(c, off)),
+                    Some(Source::Origin) => (&self.origin, off),
+                    Some(Source::Cow(c)) => (&self.cow, sh.cow_sector(c, off)),
                     None => {
                         drop(st);
                         return self.defer(bio, off);
@@ -1440,13 +1469,13 @@ impl TargetOps for Snapshot {
         Err(EINVAL)
     }
 
-    fn device(&self, idx: u32) -> Option<(DevHandle, u64)> {
+    fn device(&self, idx: u32) -> Option<(&Device, u64)> {
         // Reads come from the origin over [0, len) and from anywhere on the COW device,
         // writes and flushes go to the COW device: both stack their limits (flush/FUA,
         // logical block size).
         match idx {
-            0 => Some((self.origin.handle(), self.shared.origin_sectors)),
-            1 => Some((self.cow.handle(), store_sectors(&self.cow))),
+            0 => Some((&self.origin, self.shared.origin_sectors)),
+            1 => Some((&self.cow, store_sectors(&self.cow))),
             _ => None,
         }
     }
@@ -1456,7 +1485,7 @@ impl Snapshot {
     /// Hands a bio to the origin's worker (deferred bios carry their offset in the target
     /// as sector).
     fn defer(&self, mut bio: MapBio<'_>, off: u64) -> MapResult {
-        bio.remap(self.origin.handle(), off);
+        bio.remap(&self.origin, off);
         self.shared.worker.defer(bio.into_inner());
         MapResult::Submitted
     }

@@ -20,78 +20,113 @@
 
 #define DM_MSG_PREFIX "shared-snapshot"
 
-/* ---- target types ---------------------------------------------------------------------- */
+/* ---- constants ------------------------------------------------------------------------- */
 
-#define DMSS_TARGET_FNS(kind, pfx)							\
-static int pfx##_ctr(struct dm_target *ti, unsigned int argc, char **argv)		\
-{ return dmss_rust_ctr(ti, kind, argc, argv); }					\
-static void pfx##_dtr(struct dm_target *ti) { dmss_rust_dtr(ti, kind); }		\
-static int pfx##_map(struct dm_target *ti, struct bio *bio)				\
-{ return dmss_rust_map(ti, kind, bio); }						\
-static int pfx##_end_io(struct dm_target *ti, struct bio *bio, blk_status_t *err)	\
-{ dmss_rust_end_io(ti, kind, bio); return DM_ENDIO_DONE; }				\
-static void pfx##_status(struct dm_target *ti, status_type_t type,			\
-			 unsigned int flags, char *result, unsigned int maxlen)		\
-{											\
-	int t = type == STATUSTYPE_INFO ? 0 : type == STATUSTYPE_TABLE ? 1 : 2;	\
-	if (maxlen)									\
-		result[0] = 0;								\
-	dmss_rust_status(ti, kind, t, result, maxlen);					\
-}											\
-static int pfx##_message(struct dm_target *ti, unsigned int argc, char **argv,	\
-			 char *result, unsigned int maxlen)				\
-{ return dmss_rust_message(ti, kind, argc, argv, result, maxlen); }		\
-static void pfx##_presuspend(struct dm_target *ti) { dmss_rust_presuspend(ti, kind); }	\
-static void pfx##_presuspend_undo(struct dm_target *ti)				\
-{ dmss_rust_presuspend_undo(ti, kind); }						\
-static void pfx##_postsuspend(struct dm_target *ti) { dmss_rust_postsuspend(ti, kind); }	\
-static void pfx##_resume(struct dm_target *ti) { dmss_rust_resume(ti, kind); }	\
-static int pfx##_iterate_devices(struct dm_target *ti, iterate_devices_callout_fn fn,	\
-				 void *data)						\
-{											\
-	struct dm_dev *d;								\
-	unsigned int i;									\
-	u64 len = 0;									\
-	int r = 0;									\
-	for (i = 0; !r && (d = dmss_rust_device(ti, kind, i, &len)); i++)		\
-		r = fn(ti, d, 0, len, data);						\
-	return r;									\
-}
-
-DMSS_TARGET_FNS(0, origin)
-DMSS_TARGET_FNS(1, snap)
-
-#define DMSS_TARGET(pfx, tname)								\
-{											\
-	.name = tname, .version = { 1, 0, 0 }, .module = THIS_MODULE,			\
-	.ctr = pfx##_ctr, .dtr = pfx##_dtr, .map = pfx##_map, .end_io = pfx##_end_io,	\
-	.status = pfx##_status, .message = pfx##_message,				\
-	.presuspend = pfx##_presuspend, .presuspend_undo = pfx##_presuspend_undo,	\
-	.postsuspend = pfx##_postsuspend,						\
-	.resume = pfx##_resume, .iterate_devices = pfx##_iterate_devices,		\
-}
-
-static struct target_type dmss_targets[2] = {
-	DMSS_TARGET(origin, "shared-origin"),
-	DMSS_TARGET(snap, "shared-snapshot"),
+const struct dmss_consts dmss_consts = {
+	.mapio_submitted = DM_MAPIO_SUBMITTED,
+	.mapio_remapped = DM_MAPIO_REMAPPED,
+	.mapio_kill = DM_MAPIO_KILL,
+	.statustype_info = STATUSTYPE_INFO,
+	.statustype_table = STATUSTYPE_TABLE,
 };
 
-int dmss_register(void)
-{
-	int r = dm_register_target(&dmss_targets[0]);
+/* ---- target types ---------------------------------------------------------------------- */
 
-	if (r)
-		return r;
-	r = dm_register_target(&dmss_targets[1]);
-	if (r)
-		dm_unregister_target(&dmss_targets[0]);
+/* A registered target type and the Rust operations its callbacks forward to. */
+struct dmss_target {
+	struct target_type tt;
+	const struct dmss_target_ops *ops;
+};
+
+static const struct dmss_target_ops *dmss_ops(struct dm_target *ti)
+{
+	return container_of(ti->type, struct dmss_target, tt)->ops;
+}
+
+static int dmss_ctr(struct dm_target *ti, unsigned int argc, char **argv)
+{
+	return dmss_ops(ti)->ctr(ti, argc, argv);
+}
+
+static void dmss_dtr(struct dm_target *ti) { dmss_ops(ti)->dtr(ti); }
+static int dmss_map(struct dm_target *ti, struct bio *bio) { return dmss_ops(ti)->map(ti, bio); }
+
+static int dmss_end_io(struct dm_target *ti, struct bio *bio, blk_status_t *err)
+{
+	dmss_ops(ti)->end_io(ti, bio);
+	return DM_ENDIO_DONE;
+}
+
+static void dmss_status(struct dm_target *ti, status_type_t type, unsigned int flags,
+			char *result, unsigned int maxlen)
+{
+	if (maxlen)
+		result[0] = 0;
+	dmss_ops(ti)->status(ti, type, result, maxlen);
+}
+
+static int dmss_message(struct dm_target *ti, unsigned int argc, char **argv, char *result,
+			unsigned int maxlen)
+{
+	return dmss_ops(ti)->message(ti, argc, argv, result, maxlen);
+}
+
+static void dmss_presuspend(struct dm_target *ti) { dmss_ops(ti)->presuspend(ti); }
+static void dmss_presuspend_undo(struct dm_target *ti) { dmss_ops(ti)->presuspend_undo(ti); }
+static void dmss_postsuspend(struct dm_target *ti) { dmss_ops(ti)->postsuspend(ti); }
+static void dmss_resume(struct dm_target *ti) { dmss_ops(ti)->resume(ti); }
+
+static int dmss_iterate_devices(struct dm_target *ti, iterate_devices_callout_fn fn, void *data)
+{
+	const struct dmss_target_ops *ops = dmss_ops(ti);
+	struct dm_dev *d;
+	unsigned int i;
+	u64 len = 0;
+	int r = 0;
+
+	for (i = 0; !r && (d = ops->device(ti, i, &len)); i++)
+		r = fn(ti, d, 0, len, data);
 	return r;
 }
 
-void dmss_unregister(void)
+struct dmss_target *dmss_target_register(const char *name, const unsigned int version[3],
+					 const struct dmss_target_ops *ops, int *err)
 {
-	dm_unregister_target(&dmss_targets[1]);
-	dm_unregister_target(&dmss_targets[0]);
+	struct dmss_target *t = kzalloc(sizeof(*t), GFP_KERNEL);
+
+	if (!t) {
+		*err = -ENOMEM;
+		return NULL;
+	}
+	t->ops = ops;
+	t->tt.name = name;
+	t->tt.version[0] = version[0];
+	t->tt.version[1] = version[1];
+	t->tt.version[2] = version[2];
+	t->tt.module = THIS_MODULE;
+	t->tt.ctr = dmss_ctr;
+	t->tt.dtr = dmss_dtr;
+	t->tt.map = dmss_map;
+	t->tt.end_io = dmss_end_io;
+	t->tt.status = dmss_status;
+	t->tt.message = dmss_message;
+	t->tt.presuspend = dmss_presuspend;
+	t->tt.presuspend_undo = dmss_presuspend_undo;
+	t->tt.postsuspend = dmss_postsuspend;
+	t->tt.resume = dmss_resume;
+	t->tt.iterate_devices = dmss_iterate_devices;
+	*err = dm_register_target(&t->tt);
+	if (*err) {
+		kfree(t);
+		return NULL;
+	}
+	return t;
+}
+
+void dmss_target_unregister(struct dmss_target *t)
+{
+	dm_unregister_target(&t->tt);
+	kfree(t);
 }
 
 /* ---- dm_target ------------------------------------------------------------------------- */
@@ -137,22 +172,7 @@ const char *dmss_dev_name(struct dm_dev *d) { return d->name; }
 
 /* ---- bios ------------------------------------------------------------------------------ */
 
-int dmss_bio_kind(struct bio *bio)
-{
-	switch (bio_op(bio)) {
-	case REQ_OP_READ:
-		return DMSS_BIO_READ;
-	case REQ_OP_WRITE:
-		return bio_sectors(bio) ? DMSS_BIO_WRITE : DMSS_BIO_FLUSH;
-	case REQ_OP_WRITE_ZEROES:
-		return DMSS_BIO_WRITE;
-	case REQ_OP_DISCARD:
-		return DMSS_BIO_DISCARD;
-	default:
-		return DMSS_BIO_OTHER;
-	}
-}
-
+unsigned int dmss_bio_op(struct bio *bio) { return bio_op(bio); }
 u64 dmss_bio_sector(struct bio *bio) { return bio->bi_iter.bi_sector; }
 u32 dmss_bio_sectors(struct bio *bio) { return bio_sectors(bio); }
 
@@ -191,6 +211,7 @@ struct dmss_worker {
 	struct work_struct work;
 	spinlock_t lock;
 	struct bio_list bios;
+	void (*fn)(void *ctx);
 	void *ctx;
 };
 
@@ -198,10 +219,10 @@ static void dmss_work_fn(struct work_struct *work)
 {
 	struct dmss_worker *w = container_of(work, struct dmss_worker, work);
 
-	dmss_rust_work(w->ctx);
+	w->fn(w->ctx);
 }
 
-struct dmss_worker *dmss_worker_create(void *ctx)
+struct dmss_worker *dmss_worker_create(void (*fn)(void *ctx), void *ctx)
 {
 	struct dmss_worker *w = kzalloc(sizeof(*w), GFP_KERNEL);
 
@@ -216,6 +237,7 @@ struct dmss_worker *dmss_worker_create(void *ctx)
 	INIT_WORK(&w->work, dmss_work_fn);
 	spin_lock_init(&w->lock);
 	bio_list_init(&w->bios);
+	w->fn = fn;
 	w->ctx = ctx;
 	return w;
 }
@@ -328,29 +350,14 @@ struct dm_io_client *dmss_io_client_create(void)
 
 void dmss_io_client_destroy(struct dm_io_client *c) { dm_io_client_destroy(c); }
 
-int dmss_io(struct dm_io_client *c, struct dm_dev *d, u64 sector, u32 count, void *buf, int op)
+int dmss_io(struct dm_io_client *c, struct dm_dev *d, u64 sector, u32 count, void *buf,
+	    blk_opf_t opf)
 {
 	struct dm_io_region region = { .bdev = d->bdev, .sector = sector, .count = count };
-	struct dm_io_request req = { .client = c, .notify.fn = NULL };
+	struct dm_io_request req = { .bi_opf = opf, .client = c, .notify.fn = NULL };
 	unsigned long error_bits = 0;
 	int r;
 
-	switch (op & 3) {
-	case DMSS_IO_READ:
-		req.bi_opf = REQ_OP_READ;
-		break;
-	case DMSS_IO_WRITE:
-		req.bi_opf = REQ_OP_WRITE | REQ_SYNC;
-		if (op & DMSS_IO_PREFLUSH)
-			req.bi_opf |= REQ_PREFLUSH;
-		if (op & DMSS_IO_FUA)
-			req.bi_opf |= REQ_FUA;
-		break;
-	default:
-		req.bi_opf = REQ_OP_WRITE | REQ_PREFLUSH | REQ_SYNC;
-		region.count = 0;
-		break;
-	}
 	if (!buf) {
 		req.mem.type = DM_IO_KMEM;
 		req.mem.ptr.addr = NULL;

@@ -1,9 +1,9 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
- * dm-shared-snap C glue: the small C surface the Rust binding layer (dm/mod.rs) calls.
- * It owns the two target_type structures, forwards their callbacks into Rust, and wraps
- * inline helpers and C structures (bio fields, dm-io, workqueue, wait queues)
- * that Rust-for-Linux 6.12 does not expose.
+ * dm-shared-snap C glue: the small C surface the Rust binding layer (dm/) calls.
+ * It builds one target_type per registered Rust target type, forwards its callbacks to that
+ * type's operations table, and wraps inline helpers and C structures (bio fields, dm-io,
+ * workqueue, wait queues) that Rust-for-Linux 6.12 does not expose.  It knows no target.
  */
 #ifndef DMSS_GLUE_H
 #define DMSS_GLUE_H
@@ -18,32 +18,46 @@ struct mutex;
 struct dmss_worker;
 struct dmss_inflight;
 struct dmss_copier;
+struct dmss_target;
 
-/* Bio classes reported by dmss_bio_kind(). */
-enum { DMSS_BIO_READ, DMSS_BIO_WRITE, DMSS_BIO_FLUSH, DMSS_BIO_DISCARD, DMSS_BIO_OTHER };
-/* Operations of dmss_io(), and flags or'ed into a write. */
-enum { DMSS_IO_READ, DMSS_IO_WRITE, DMSS_IO_FLUSH };
-#define DMSS_IO_PREFLUSH 4
-#define DMSS_IO_FUA 8
+/*
+ * Kernel constants the Rust side needs but cannot get from kernel::bindings (device-mapper.h
+ * is not in the 6.12 bindings): read from this one object, so no value is written twice.
+ */
+struct dmss_consts {
+	int mapio_submitted;
+	int mapio_remapped;
+	int mapio_kill;
+	int statustype_info;
+	int statustype_table;
+};
+extern const struct dmss_consts dmss_consts;
 
-/* Implemented in Rust (kind 0: origin, 1: snapshot). */
-int dmss_rust_ctr(struct dm_target *ti, int kind, unsigned int argc, char **argv);
-void dmss_rust_dtr(struct dm_target *ti, int kind);
-int dmss_rust_map(struct dm_target *ti, int kind, struct bio *bio);
-void dmss_rust_end_io(struct dm_target *ti, int kind, struct bio *bio);
-void dmss_rust_status(struct dm_target *ti, int kind, int type, char *result, unsigned int maxlen);
-int dmss_rust_message(struct dm_target *ti, int kind, unsigned int argc, char **argv,
-		      char *result, unsigned int maxlen);
-void dmss_rust_presuspend(struct dm_target *ti, int kind);
-void dmss_rust_presuspend_undo(struct dm_target *ti, int kind);
-void dmss_rust_postsuspend(struct dm_target *ti, int kind);
-void dmss_rust_resume(struct dm_target *ti, int kind);
-struct dm_dev *dmss_rust_device(struct dm_target *ti, int kind, unsigned int idx, u64 *len);
-void dmss_rust_work(void *ctx);
+/*
+ * The operations of one target type, implemented in Rust (one table per type).  Each
+ * function receives the dm_target; the glue finds the table through ti->type.
+ */
+struct dmss_target_ops {
+	int (*ctr)(struct dm_target *ti, unsigned int argc, char **argv);
+	void (*dtr)(struct dm_target *ti);
+	int (*map)(struct dm_target *ti, struct bio *bio);
+	void (*end_io)(struct dm_target *ti, struct bio *bio);
+	/* result[0] is set to NUL by the glue when maxlen > 0. */
+	void (*status)(struct dm_target *ti, int type, char *result, unsigned int maxlen);
+	int (*message)(struct dm_target *ti, unsigned int argc, char **argv, char *result,
+		       unsigned int maxlen);
+	void (*presuspend)(struct dm_target *ti);
+	void (*presuspend_undo)(struct dm_target *ti);
+	void (*postsuspend)(struct dm_target *ti);
+	void (*resume)(struct dm_target *ti);
+	/* Device idx and its length in sectors (*len), NULL past the last. */
+	struct dm_dev *(*device)(struct dm_target *ti, unsigned int idx, u64 *len);
+};
 
-/* Registration. */
-int dmss_register(void);
-void dmss_unregister(void);
+/* Registration: a target_type named `name` (which must outlive it) over `ops`. */
+struct dmss_target *dmss_target_register(const char *name, const unsigned int version[3],
+					 const struct dmss_target_ops *ops, int *err);
+void dmss_target_unregister(struct dmss_target *t);
 
 /* dm_target. */
 void *dmss_ti_private(struct dm_target *ti);
@@ -66,7 +80,7 @@ u32 dmss_dev_devt(struct dm_dev *d);
 const char *dmss_dev_name(struct dm_dev *d);
 
 /* Bios. */
-int dmss_bio_kind(struct bio *bio);
+unsigned int dmss_bio_op(struct bio *bio);
 u64 dmss_bio_sector(struct bio *bio);
 u32 dmss_bio_sectors(struct bio *bio);
 int dmss_bio_accept_partial(struct bio *bio, u32 n);
@@ -76,7 +90,7 @@ void dmss_bio_submit(struct bio *bio);
 u64 *dmss_bio_pbd(struct bio *bio);
 
 /* Worker: a bio list and a work item on a WQ_MEM_RECLAIM workqueue. */
-struct dmss_worker *dmss_worker_create(void *ctx);
+struct dmss_worker *dmss_worker_create(void (*fn)(void *ctx), void *ctx);
 void dmss_worker_destroy(struct dmss_worker *w);
 void dmss_worker_defer(struct dmss_worker *w, struct bio *bio);
 struct bio *dmss_worker_pop(struct dmss_worker *w);
@@ -105,7 +119,9 @@ void dmss_inflight_wait_zero(struct dmss_inflight *f);
 /* Synchronous metadata I/O through dm-io. */
 struct dm_io_client *dmss_io_client_create(void);
 void dmss_io_client_destroy(struct dm_io_client *c);
-int dmss_io(struct dm_io_client *c, struct dm_dev *d, u64 sector, u32 count, void *buf, int op);
+/* opf: the request's operation and flags (REQ_OP_*, REQ_*); buf NULL for an empty flush. */
+int dmss_io(struct dm_io_client *c, struct dm_dev *d, u64 sector, u32 count, void *buf,
+	    blk_opf_t opf);
 
 /* Chunk copies with dm-io through one buffer, run and waited for as a batch. */
 struct dmss_copier *dmss_copier_create(void);
