@@ -168,8 +168,10 @@ struct Stats {
 }
 
 /// What is shared between an origin target, its worker and its snapshot targets.  It
-/// outlives the origin target while snapshot targets hold it; it owns no device (each
-/// target holds its own), so nothing in it dangles when the origin table goes.
+/// outlives the origin target while snapshot targets hold it.  The origin's devices are
+/// reachable from it only through `State.attached` and the store (whose metadata I/O holds
+/// the COW device): `Origin::dtr` takes both away under the state lock, so that the last
+/// reference to each of the origin table's devices goes before its destructor returns.
 pub(crate) struct Shared {
     // Shut down first, by `Drop`: drains the worker while everything it uses is alive.
     worker: Worker<Shared>,
@@ -530,7 +532,9 @@ impl TargetOps for Origin {
         sh.worker.flush();
         let mut st = sh.state.lock();
         // From here on, snapshots still active fail their I/O instead of reaching devices
-        // this target is about to release.
+        // this target is about to release.  `attached` and the store hold the only clones
+        // of this table's devices in `Shared`: both go before this destructor returns, as
+        // `Device` requires.
         st.attached = None;
         let store = st.store.take();
         if st.failed.is_none() {
@@ -1269,7 +1273,10 @@ impl Shared {
     }
 }
 
-impl WorkHandler for Shared {
+// SAFETY: `Shared::drop` shuts the worker down before any field is dropped; `work` holds
+// only `&Shared` (the last `Arc` is dropped by a target's destructor or a failed
+// constructor, never by the worker) and never flushes or shuts down its own worker.
+unsafe impl WorkHandler for Shared {
     fn worker(&self) -> &Worker<Self> {
         &self.worker
     }

@@ -35,7 +35,7 @@ impl Drop for DevInner {
     }
 }
 
-/// A reference-counted device opened by a target's constructor ([`super::Ctr::get_device`]).
+/// A reference-counted device opened by a target's constructor ([`super::target::CtrTarget::get_device`]).
 ///
 /// Cloning takes another reference; the device is released (`dm_put_device`) when the last
 /// one is dropped, so no reference can outlive the open device, whatever order the owners'

@@ -157,6 +157,7 @@ extern "C" {
         n: u64,
     );
     pub(super) fn dmss_copy_wait(c: *mut CCopier) -> c_int;
+    pub(super) fn dmss_copy_discard(c: *mut CCopier);
 
     pub(super) fn dmss_crc32c(data: *const c_void, len: usize) -> u32;
     pub(super) fn dmss_random_u64() -> u64;

@@ -244,6 +244,9 @@ struct dmss_worker *dmss_worker_create(void (*fn)(void *ctx), void *ctx)
 
 void dmss_worker_destroy(struct dmss_worker *w)
 {
+	/* From its own work item this would wait for itself: leak rather than hang. */
+	if (WARN_ON_ONCE(current_work() == &w->work))
+		return;
 	destroy_workqueue(w->wq);
 	WARN_ON(!bio_list_empty(&w->bios));
 	kfree(w);
@@ -280,7 +283,11 @@ void dmss_worker_push_front(struct dmss_worker *w, struct bio *bio)
 }
 
 void dmss_worker_kick(struct dmss_worker *w) { queue_work(w->wq, &w->work); }
-void dmss_worker_flush(struct dmss_worker *w) { flush_workqueue(w->wq); }
+void dmss_worker_flush(struct dmss_worker *w)
+{
+	if (!WARN_ON_ONCE(current_work() == &w->work))
+		flush_workqueue(w->wq);
+}
 
 /* ---- mutex ----------------------------------------------------------------------------- */
 
@@ -520,6 +527,13 @@ int dmss_copy_wait(struct dmss_copier *c)
 {
 	dmss_copy_run_all(c);
 	return atomic_xchg(&c->errors, 0) ? -EIO : 0;
+}
+
+/* Forgets the copies still queued (none of them is in flight: runs complete synchronously). */
+void dmss_copy_discard(struct dmss_copier *c)
+{
+	c->nruns = 0;
+	atomic_set(&c->errors, 0);
 }
 
 /* ---- misc ------------------------------------------------------------------------------ */

@@ -9,6 +9,7 @@
 #define DMSS_GLUE_H
 
 #include <linux/types.h>
+#include <linux/blk_types.h>
 
 struct dm_target;
 struct dm_dev;
@@ -129,6 +130,7 @@ void dmss_copier_destroy(struct dmss_copier *c);
 void dmss_copy(struct dmss_copier *c, struct dm_dev *src, u64 src_sector, struct dm_dev *dst,
 	       u64 dst_sector, u64 count);
 int dmss_copy_wait(struct dmss_copier *c);
+void dmss_copy_discard(struct dmss_copier *c);
 
 /* Misc. */
 u32 dmss_crc32c(const void *data, size_t len);

@@ -128,8 +128,8 @@ impl Drop for SyncIo {
 ///
 /// # Invariants
 ///
-/// The pointer is a live C copier owned by this value; its queue is empty whenever no
-/// [`CopyBatch`] exists.
+/// The pointer is a live C copier owned by this value.  Its queue holds only copies of the
+/// current [`CopyBatch`]: a new batch starts by discarding whatever a forgotten one left.
 pub(crate) struct Copier(NonNull<ffi::CCopier>);
 
 // SAFETY: the C copier may be used from any process context; only a `CopyBatch`, which
@@ -147,6 +147,10 @@ impl Copier {
 
     /// Starts a batch of copies between devices that outlive it.
     pub(crate) fn batch<'a>(&'a mut self) -> CopyBatch<'a> {
+        // SAFETY: the copier is live and borrowed mutably, so no other batch uses it; a
+        // batch leaked with `mem::forget` may have left copies naming devices that are
+        // closed by now: they never run.
+        unsafe { ffi::dmss_copy_discard(self.0.as_ptr()) };
         CopyBatch {
             copier: self,
             queued: false,
@@ -157,14 +161,16 @@ impl Copier {
 
 impl Drop for Copier {
     fn drop(&mut self) {
-        // SAFETY: no batch exists (it would borrow the copier), so the queue is empty and
-        // no copy is in flight (type invariant); the copier is ours and destroyed once.
+        // SAFETY: no batch exists (it would borrow the copier) and copies complete before
+        // the call that runs them returns, so none is in flight; queued ones are never run
+        // again; the copier is ours and destroyed once.
         unsafe { ffi::dmss_copier_destroy(self.0.as_ptr()) }
     }
 }
 
 /// Copies queued on a [`Copier`]; they run at [`CopyBatch::wait`] (or when the queue is
-/// full), and dropping the batch runs and waits for what is still queued.
+/// full).  Dropping the batch without `wait` abandons the copies not run yet: a batch is
+/// dropped that way only on an error path, whose transaction is abandoned too.
 ///
 /// # Invariants
 ///
@@ -225,8 +231,8 @@ impl<'a> CopyBatch<'a> {
 impl Drop for CopyBatch<'_> {
     fn drop(&mut self) {
         if self.queued {
-            // The copies must not outlive the devices: run them, whatever their result.
-            let _ = self.run();
+            // SAFETY: the copier is live and ours (see `copy`); no queued copy is in flight.
+            unsafe { ffi::dmss_copy_discard(self.copier.0.as_ptr()) };
         }
     }
 }

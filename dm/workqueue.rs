@@ -14,7 +14,15 @@ use super::bio::Bio;
 use super::ffi;
 
 /// The context a [`Worker`] serves: it owns the worker and is called back to do the work.
-pub(crate) trait WorkHandler: Send + Sync + Sized {
+///
+/// # Safety
+///
+/// The worker's work item reaches the context through a raw pointer, so an implementer
+/// guarantees that the work item never outlives it: its `Drop` calls [`Worker::shutdown`]
+/// before any other field is dropped, and [`WorkHandler::work`] never drops the last `Arc`
+/// of the context nor calls [`Worker::flush`] or [`Worker::shutdown`] (they would wait for
+/// the running work item itself).
+pub(crate) unsafe trait WorkHandler: Send + Sync + Sized {
     /// The worker inside `self`.
     fn worker(&self) -> &Worker<Self>;
     /// Runs on the workqueue after `defer` or `kick` (never twice at once).
