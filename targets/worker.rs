@@ -1,0 +1,425 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! The origin's worker: the bios `map` deferred, handled in batches (plan, copy, commit,
+//! release), and the background deletion sweep.
+
+use kernel::prelude::*;
+
+use super::bio_ctx::BioCtx;
+use super::shared::{Attached, Shared, State};
+use super::DevT;
+use crate::dm::{self, Bio, BioKind, Device, WorkHandler, Worker};
+use crate::exception_store::format::Error as StoreError;
+use crate::exception_store::{OriginWrite, SnapWrite, Source};
+
+/// Bios handled per worker batch (one journal commit).
+const BATCH: usize = 32;
+
+/// Bios a batch sets aside for the next one (their chunk is in it) before it stops looking.
+const BATCH_LATER: usize = 64;
+
+/// Bios a batch takes off the queue at most (writes that need no copy are sent on at once).
+const BATCH_POPS: usize = 256;
+
+/// Leaves visited per snapshot-deletion step.
+const DELETE_STEP_LEAVES: usize = 16;
+
+/// Result of planning one deferred bio.
+enum Action {
+    /// Origin write; copy the chunk to this COW chunk first.
+    OriginWrite(Option<u64>),
+    /// Snapshot read from here.
+    SnapRead(Source),
+    /// Snapshot write to COW chunk `dst`, after copying `from` there.
+    SnapWrite { dst: u64, from: Option<Source> },
+    /// Complete with this errno.
+    Fail(Error),
+}
+
+struct Item {
+    bio: Bio,
+    off: u64,
+    action: Action,
+}
+impl Shared {
+    fn plan(
+        &self,
+        st: &mut State,
+        bio: &Bio,
+        off: u64,
+    ) -> core::result::Result<Action, StoreError> {
+        let ctx = BioCtx::from_tag(bio.tag());
+        let chunk = self.chunk_of(off);
+        let snap = ctx.snap_slot.is_some();
+        if st.failed.is_some() || st.store.is_none() {
+            return Ok(if snap {
+                Action::Fail(EIO)
+            } else {
+                Action::OriginWrite(None)
+            });
+        }
+        let Some(store) = st.store.as_mut() else {
+            return Ok(Action::Fail(EIO));
+        };
+        if !snap {
+            return match store.origin_write(chunk) {
+                Ok(OriginWrite::NoCopy) => Ok(Action::OriginWrite(None)),
+                Ok(OriginWrite::Copy(c)) => Ok(Action::OriginWrite(Some(c))),
+                Ok(OriginWrite::Invalidated(mask)) => {
+                    st.invalidation_pending = true;
+                    pr_err!(
+                        "{}: COW device full: invalidated snapshot slots {:#x}\n",
+                        DevT(self.key.cow),
+                        mask
+                    );
+                    st.raise_event();
+                    Ok(Action::OriginWrite(None))
+                }
+                Err(StoreError::TxFull) => Err(StoreError::TxFull),
+                Err(e) => {
+                    self.give_up(st, "metadata error on origin write", e);
+                    Ok(Action::OriginWrite(None))
+                }
+            };
+        }
+        let slot = ctx.slot();
+        if bio.kind() == BioKind::Read {
+            return match store.lookup(chunk, slot, false) {
+                Ok(src) => Ok(Action::SnapRead(src)),
+                Err(StoreError::SnapshotInvalid) | Err(StoreError::NoSuchSnapshot) => {
+                    Ok(Action::Fail(EIO))
+                }
+                Err(e) => {
+                    self.give_up(st, "metadata error on snapshot read", e);
+                    Ok(Action::Fail(EIO))
+                }
+            };
+        }
+        match store.snapshot_write(chunk, slot) {
+            Ok(SnapWrite::InPlace(c)) => Ok(Action::SnapWrite { dst: c, from: None }),
+            // The chunk is copied even when the bio covers all of it: the commit that maps
+            // the new chunk is durable before the bio's data is, and a power cut between
+            // the two must show the snapshot's old data there, not the chunk's last use.
+            Ok(SnapWrite::Copy { from, to }) => Ok(Action::SnapWrite {
+                dst: to,
+                from: Some(from),
+            }),
+            Err(StoreError::TxFull) => Err(StoreError::TxFull),
+            Err(StoreError::NoDataSpace) => {
+                st.invalidation_pending = true;
+                pr_err!(
+                    "{}: COW device full: snapshot slot {} invalidated\n",
+                    DevT(self.key.cow),
+                    slot
+                );
+                st.raise_event();
+                Ok(Action::Fail(EIO))
+            }
+            Err(StoreError::SnapshotInvalid) | Err(StoreError::NoSuchSnapshot) => {
+                Ok(Action::Fail(EIO))
+            }
+            Err(e) => {
+                self.give_up(st, "metadata error on snapshot write", e);
+                Ok(Action::Fail(EIO))
+            }
+        }
+    }
+
+    /// Sends an origin write to the origin device.
+    fn submit_origin_write(&self, at: &Attached, mut bio: Bio, off: u64) {
+        // Counted like the writes `map` passes through: a snapshot created from now on
+        // waits for it.
+        bio.set_tag(BioCtx::counted_write().to_tag());
+        self.writes_inflight.inc();
+        bio.remap(&at.origin_h, off);
+        bio.submit();
+    }
+
+    /// Sends a snapshot read (counted: see `snap_reads`).
+    fn submit_snap_read(&self, mut bio: Bio, dev: &Device, sector: u64) {
+        let ctx = BioCtx::from_tag(bio.tag());
+        bio.set_tag(
+            BioCtx {
+                read_counted: true,
+                ..ctx
+            }
+            .to_tag(),
+        );
+        self.snap_reads.inc();
+        bio.remap(dev, sector);
+        bio.submit();
+    }
+
+    /// Plans, copies, commits and releases one batch.  Returns false when the queue is empty.
+    fn run_batch(&self, st: &mut State) -> bool {
+        let Some(at) = st.attached.clone() else {
+            // The origin target is gone: fail what snapshots still send.
+            let mut any = false;
+            while let Some(bio) = self.worker.pop() {
+                bio.endio(EIO.to_errno());
+                any = true;
+            }
+            return any;
+        };
+        st.gave_up = false;
+        let t0 = dm::now_ns();
+        let mut items: [Option<Item>; BATCH] = [const { None }; BATCH];
+        let mut n = 0;
+        // Bios for a chunk already in the batch, in arrival order: they wait for the next one.
+        let mut later: [Option<Bio>; BATCH_LATER] = [const { None }; BATCH_LATER];
+        let mut nlater = 0;
+        let mut popped = 0;
+        while n < BATCH && popped < BATCH_POPS {
+            let Some(bio) = self.worker.pop() else { break };
+            popped += 1;
+            let off = bio.sector();
+            let chunk = self.chunk_of(off);
+            // One bio per chunk per batch: copies within a batch never depend on each other.
+            if items[..n]
+                .iter()
+                .flatten()
+                .any(|it| self.chunk_of(it.off) == chunk)
+            {
+                if nlater == BATCH_LATER {
+                    self.worker.push_front(bio);
+                    break;
+                }
+                later[nlater] = Some(bio);
+                nlater += 1;
+                continue;
+            }
+            match self.plan(st, &bio, off) {
+                // An origin write deferred only because `map` found the lock taken, to a
+                // chunk no snapshot needs copied: it goes now, as `map` would have sent it,
+                // instead of taking a place in the batch and waiting for its commit.
+                Ok(Action::OriginWrite(None))
+                    if st.failed.is_none() && !st.gave_up && !st.invalidation_pending =>
+                {
+                    st.stats.passed += 1;
+                    self.submit_origin_write(&at, bio, off);
+                }
+                Ok(action) => {
+                    items[n] = Some(Item { bio, off, action });
+                    n += 1;
+                }
+                Err(_) if n > 0 => {
+                    // Transaction full: finish this batch first.
+                    self.worker.push_front(bio);
+                    break;
+                }
+                Err(_) => {
+                    self.worker.push_front(bio);
+                    if let Some(s) = st.store.as_mut() {
+                        if let Err(e) = s.commit() {
+                            self.give_up(st, "journal commit failed", e);
+                        }
+                    }
+                }
+            }
+        }
+        // Back at the head of the queue, ahead of everything that came after them.
+        for slot in later[..nlater].iter_mut().rev() {
+            if let Some(bio) = slot.take() {
+                self.worker.push_front(bio);
+            }
+        }
+        if n == 0 {
+            // Only writes sent on at once: the queue may still hold more.
+            return popped > 0;
+        }
+        let t1 = dm::now_ns();
+        let mut copying = false;
+        // Whether this batch lets data that a snapshot read in flight may be reading be
+        // overwritten once it is released: an origin write, or a snapshot's write that
+        // unshares a chunk (so that the origin, or the other sharers of its COW chunk, may
+        // then write it in place without the worker).
+        let mut drain_reads = false;
+        // Adjacent chunks going to adjacent COW chunks are copied as one run.
+        let mut run: Option<(&Device, u64, u64, u64)> = None;
+        let mut batch = st.copier.batch();
+        for it in items[..n].iter().flatten() {
+            let chunk = self.chunk_of(it.off);
+            let copy = match it.action {
+                Action::OriginWrite(c) => {
+                    drain_reads = true;
+                    c.map(|c| {
+                        (
+                            &at.origin_h,
+                            chunk << self.chunk_shift,
+                            self.cow_sector(c, 0),
+                        )
+                    })
+                }
+                Action::SnapWrite {
+                    dst,
+                    from: Some(src),
+                } => {
+                    drain_reads = true;
+                    Some(match src {
+                        Source::Origin => (
+                            &at.origin_h,
+                            chunk << self.chunk_shift,
+                            self.cow_sector(dst, 0),
+                        ),
+                        Source::Cow(c) => {
+                            (&at.cow_h, self.cow_sector(c, 0), self.cow_sector(dst, 0))
+                        }
+                    })
+                }
+                _ => None,
+            };
+            let Some((dev, src, dst)) = copy else {
+                continue;
+            };
+            // The last chunk of an origin whose size is not a multiple of the chunk size
+            // is copied only as far as the target goes (no snapshot reads beyond it).
+            let len = if dev.same(&at.origin_h) {
+                self.chunk_sectors
+                    .min(self.origin_sectors.saturating_sub(src))
+            } else {
+                self.chunk_sectors
+            };
+            if len == 0 {
+                continue;
+            }
+            if st.gave_up {
+                continue;
+            }
+            copying = true;
+            st.stats.copied_chunks += 1;
+            match run.as_mut() {
+                Some((d, s, t, n)) if d.same(dev) && *s + *n == src && *t + *n == dst => *n += len,
+                _ => {
+                    if let Some((d, s, t, n)) = run.take() {
+                        batch.copy(d, s, &at.cow_h, t, n);
+                        st.stats.copy_jobs += 1;
+                    }
+                    run = Some((dev, src, dst, len));
+                }
+            }
+        }
+        if let Some((d, s, t, n)) = run.take() {
+            batch.copy(d, s, &at.cow_h, t, n);
+            st.stats.copy_jobs += 1;
+        }
+        let copied = if copying {
+            batch.wait()
+        } else {
+            drop(batch);
+            Ok(())
+        };
+        st.stats.batches += 1;
+        st.stats.bios += n as u64;
+        if copied.is_err() {
+            self.give_up(
+                st,
+                "copy to the COW device failed",
+                StoreError::Io { block: u64::MAX },
+            );
+        }
+        let t2 = dm::now_ns();
+        // An invalidated snapshot stops sharing its chunks: the origin may then write them
+        // in place (the commit below clears the flag).
+        let invalidated = st.invalidation_pending;
+        if st.failed.is_none() && !st.gave_up {
+            if let Some(s) = st.store.as_mut() {
+                let dirty = s.is_dirty();
+                match s.commit() {
+                    Ok(()) if dirty => st.stats.commits += 1,
+                    Ok(()) => {}
+                    Err(e) => self.give_up(st, "journal commit failed", e),
+                }
+                if st.failed.is_none() && !st.gave_up {
+                    st.invalidation_pending = false;
+                }
+            }
+        }
+        if drain_reads || invalidated || st.gave_up {
+            // Snapshot reads in flight must finish before what they read can change.
+            self.snap_reads.wait_zero();
+        }
+        // Reads planned before their snapshot was invalidated in this batch fail.
+        let valid = st.store.as_ref().map_or(0, |s| s.sb().valid_mask());
+        let t3 = dm::now_ns();
+        let failed = st.failed.is_some() || st.gave_up;
+        for it in items[..n].iter_mut() {
+            let Some(Item {
+                mut bio,
+                off,
+                action,
+            }) = it.take()
+            else {
+                continue;
+            };
+            match action {
+                Action::OriginWrite(_) => self.submit_origin_write(&at, bio, off),
+                Action::Fail(e) => bio.endio(e.to_errno()),
+                _ if failed => bio.endio(EIO.to_errno()),
+                Action::SnapRead(_) if valid & (1 << BioCtx::from_tag(bio.tag()).slot()) == 0 => {
+                    bio.endio(EIO.to_errno())
+                }
+                Action::SnapRead(Source::Origin) => self.submit_snap_read(bio, &at.origin_h, off),
+                Action::SnapRead(Source::Cow(c)) => {
+                    self.submit_snap_read(bio, &at.cow_h, self.cow_sector(c, off))
+                }
+                Action::SnapWrite { dst: c, .. } => {
+                    bio.remap(&at.cow_h, self.cow_sector(c, off));
+                    bio.submit();
+                }
+            }
+        }
+        let t4 = dm::now_ns();
+        st.stats.plan_ns += t1 - t0;
+        st.stats.copy_ns += t2 - t1;
+        st.stats.commit_ns += t3 - t2;
+        st.stats.release_ns += t4 - t3;
+        true
+    }
+
+    /// Runs one bounded step of snapshot deletion; returns true if more remains.
+    fn delete_step(&self, st: &mut State) -> bool {
+        if st.failed.is_some() || st.suspended || self.readonly {
+            return false;
+        }
+        let Some(s) = st.store.as_mut() else {
+            return false;
+        };
+        if !s.delete_pending() {
+            return false;
+        }
+        let r = s
+            .delete_step(DELETE_STEP_LEAVES)
+            .and_then(|more| s.commit().map(|_| more));
+        match r {
+            Ok(more) => more,
+            Err(e) => {
+                self.give_up(st, "snapshot deletion failed", e);
+                false
+            }
+        }
+    }
+}
+
+// SAFETY: `Shared::drop` shuts the worker down before any field is dropped; `work` holds
+// only `&Shared` (the last `Arc` is dropped by a target's destructor or a failed
+// constructor, never by the worker) and never flushes or shuts down its own worker.
+unsafe impl WorkHandler for Shared {
+    fn worker(&self) -> &Worker<Self> {
+        &self.worker
+    }
+
+    /// The worker's entry point.
+    fn work(&self) {
+        loop {
+            let mut st = self.state.lock();
+            if !self.run_batch(&mut st) {
+                let more = self.delete_step(&mut st);
+                drop(st);
+                if more {
+                    self.worker.kick();
+                }
+                return;
+            }
+        }
+    }
+}
