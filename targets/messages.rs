@@ -30,7 +30,7 @@ impl Origin {
                 }
                 let mut st = sh.state.lock();
                 let st = &mut *st;
-                if st.failed.is_some() {
+                if st.mode.is_failed() {
                     pr_err!(
                         "{}: COW device failed; snapshots unavailable\n",
                         self.origin.name()

@@ -8,6 +8,7 @@ use kernel::prelude::*;
 use kernel::sync::Arc;
 
 use super::bio_ctx::BioCtx;
+use super::mode::Mode;
 use super::shared::{store_sectors, Attached, OriginKey, Shared, State, Stats, ORIGINS};
 use super::{fail, parse_u32};
 use crate::dm::{
@@ -58,12 +59,10 @@ impl Origin {
             state: TryMutex::new(State {
                 attached: Some(attached),
                 store: Some(store),
-                failed: None,
+                mode: Mode::Write,
                 snap_refs: [0; MAX_SNAPSHOTS],
                 stats: Stats::default(),
                 copier: Copier::new()?,
-                gave_up: false,
-                invalidation_pending: false,
                 suspended: false,
             })?,
             writes_inflight: Inflight::new()?,
@@ -204,11 +203,16 @@ impl TargetOps for Origin {
         // `Device` requires.
         st.attached = None;
         let store = st.store.take();
-        if st.failed.is_none() {
-            st.failed = Some("origin target removed");
+        if !st.mode.is_failed() {
             if let Some(store) = store {
                 Shared::close_store(store, sh.readonly, self.cow.name());
             }
+            sh.set_mode(
+                &mut st,
+                Mode::Failed {
+                    why: "origin target removed",
+                },
+            );
         }
         drop(st);
         ORIGINS.release(&sh.key);
@@ -234,8 +238,8 @@ impl TargetOps for Origin {
                 if let Some(mut guard) = sh.state.try_lock() {
                     let st = &mut *guard;
                     // The leading run of chunks no live snapshot shares goes straight through.
-                    let unshared_end = match (&st.failed, st.store.as_mut()) {
-                        (None, Some(s)) => {
+                    let unshared_end = match (st.mode, st.store.as_mut()) {
+                        (mode, Some(s)) if !mode.is_failed() => {
                             let mut c = chunk;
                             while c << sh.chunk_shift < end && s.origin_sharers(c, true) == Ok(0) {
                                 c += 1;
@@ -279,8 +283,11 @@ impl TargetOps for Origin {
         match ty {
             StatusType::Info => {
                 let st = sh.state.lock();
-                match (&st.failed, st.store.as_ref()) {
-                    (None, Some(s)) => {
+                match (st.mode, st.store.as_ref()) {
+                    (Mode::Failed { why }, _) => {
+                        let _ = write!(out, "- - - fail {}", why);
+                    }
+                    (_, Some(s)) => {
                         let u = s.usage();
                         let sb = s.sb();
                         let _ = write!(
@@ -302,8 +309,8 @@ impl TargetOps for Origin {
                             let _ = write!(out, "-");
                         }
                     }
-                    (why, _) => {
-                        let _ = write!(out, "- - - fail {}", why.unwrap_or("closed"));
+                    (_, None) => {
+                        let _ = write!(out, "- - - fail closed");
                     }
                 }
             }
@@ -338,7 +345,7 @@ impl TargetOps for Origin {
         let sh = &*self.shared;
         sh.worker.flush();
         let mut st = sh.state.lock();
-        if st.failed.is_none() && !sh.readonly {
+        if !st.mode.is_failed() && !sh.readonly {
             if let Some(s) = st.store.as_mut() {
                 if let Err(e) = s.commit() {
                     pr_err!("{}: commit at suspend: {}\n", self.cow.name(), e);

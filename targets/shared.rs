@@ -10,6 +10,7 @@ use kernel::prelude::*;
 use super::bio_ctx::BioCtx;
 use super::errors::open_error;
 use super::fail;
+use super::mode::Mode;
 use crate::dm::{
     self, BioRef, Copier, CtrTarget, Device, EventHandle, Inflight, Registry, TryMutex, Worker,
 };
@@ -51,20 +52,16 @@ pub(super) struct Attached {
 pub(super) struct State {
     /// None once the origin target is destroyed: snapshots still active then fail their I/O.
     pub(super) attached: Option<Attached>,
+    /// The exception store: there in every mode but `Mode::Failed`.
     pub(super) store: Option<KBox<KStore>>,
-    /// Why the COW device was given up (snapshots then fail; the origin keeps working).
-    pub(super) failed: Option<&'static str>,
+    /// Normal or degraded operation (changed only by `Shared::set_mode`).
+    pub(super) mode: Mode,
     /// Active snapshot targets per slot.
     pub(super) snap_refs: [u32; MAX_SNAPSHOTS],
     /// Worker statistics (the `stats` message).
     pub(super) stats: Stats,
     /// Copies chunks for the worker's batches.
     pub(super) copier: Copier,
-    /// Set when the batch in progress lost its store (its copies and commit are void).
-    pub(super) gave_up: bool,
-    /// A snapshot was invalidated (COW device full) and that is not committed yet: until it
-    /// is, an origin write that needs no copy only because of it must wait for the commit.
-    pub(super) invalidation_pending: bool,
     /// The origin is suspending or suspended: background work (the deletion sweep) waits.
     pub(super) suspended: bool,
 }

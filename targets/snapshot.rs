@@ -89,7 +89,7 @@ impl TargetOps for Snapshot {
         )?;
         // Taken last, so that no failure above leaves a reference behind.
         let mut st = snap.shared.state.lock();
-        if st.failed.is_some() {
+        if st.mode.is_failed() {
             return Err(fail(t, c_str!("the origin's COW device has failed"), EIO));
         }
         let Some(slot) = st.store.as_ref().and_then(|s| s.sb().slot_of(id)) else {
@@ -124,7 +124,7 @@ impl TargetOps for Snapshot {
         }
         let chunk = sh.chunk_of(off);
         if let Some(mut st) = sh.state.try_lock() {
-            if st.failed.is_some() {
+            if st.mode.is_failed() {
                 return MapResult::Kill;
             }
             if let Some(s) = st.store.as_mut() {
@@ -179,7 +179,7 @@ impl TargetOps for Snapshot {
                 let st = self.shared.state.lock();
                 let slot = st.store.as_ref().map(|s| s.sb().snaps[self.slot]);
                 match slot {
-                    Some(s) if st.failed.is_none() && !s.is_invalid() => {
+                    Some(s) if !st.mode.is_failed() && !s.is_invalid() => {
                         let _ = write!(out, "active {}", s.owned);
                     }
                     Some(s) => {

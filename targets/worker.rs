@@ -6,6 +6,7 @@
 use kernel::prelude::*;
 
 use super::bio_ctx::BioCtx;
+use super::mode::Mode;
 use super::shared::{Attached, Shared, State};
 use super::DevT;
 use crate::dm::{self, Bio, BioKind, Device, WorkHandler, Worker};
@@ -51,7 +52,7 @@ impl Shared {
         let ctx = BioCtx::from_tag(bio.tag());
         let chunk = self.chunk_of(off);
         let snap = ctx.snap_slot.is_some();
-        if st.failed.is_some() || st.store.is_none() {
+        if st.mode.is_failed() || st.store.is_none() {
             return Ok(if snap {
                 Action::Fail(EIO)
             } else {
@@ -66,13 +67,12 @@ impl Shared {
                 Ok(OriginWrite::NoCopy) => Ok(Action::OriginWrite(None)),
                 Ok(OriginWrite::Copy(c)) => Ok(Action::OriginWrite(Some(c))),
                 Ok(OriginWrite::Invalidated(mask)) => {
-                    st.invalidation_pending = true;
                     pr_err!(
                         "{}: COW device full: invalidated snapshot slots {:#x}\n",
                         DevT(self.key.cow),
                         mask
                     );
-                    st.raise_event();
+                    self.set_mode(st, Mode::InvalidationPending);
                     Ok(Action::OriginWrite(None))
                 }
                 Err(StoreError::TxFull) => Err(StoreError::TxFull),
@@ -106,13 +106,12 @@ impl Shared {
             }),
             Err(StoreError::TxFull) => Err(StoreError::TxFull),
             Err(StoreError::NoDataSpace) => {
-                st.invalidation_pending = true;
                 pr_err!(
                     "{}: COW device full: snapshot slot {} invalidated\n",
                     DevT(self.key.cow),
                     slot
                 );
-                st.raise_event();
+                self.set_mode(st, Mode::InvalidationPending);
                 Ok(Action::Fail(EIO))
             }
             Err(StoreError::SnapshotInvalid) | Err(StoreError::NoSuchSnapshot) => {
@@ -161,7 +160,9 @@ impl Shared {
             }
             return any;
         };
-        st.gave_up = false;
+        if let Mode::GaveUp { .. } = st.mode {
+            self.set_mode(st, Mode::Write);
+        }
         let t0 = dm::now_ns();
         let mut items: [Option<Item>; BATCH] = [const { None }; BATCH];
         let mut n = 0;
@@ -192,9 +193,7 @@ impl Shared {
                 // An origin write deferred only because `map` found the lock taken, to a
                 // chunk no snapshot needs copied: it goes now, as `map` would have sent it,
                 // instead of taking a place in the batch and waiting for its commit.
-                Ok(Action::OriginWrite(None))
-                    if st.failed.is_none() && !st.gave_up && !st.invalidation_pending =>
-                {
+                Ok(Action::OriginWrite(None)) if st.mode == Mode::Write => {
                     st.stats.passed += 1;
                     self.submit_origin_write(&at, bio, off);
                 }
@@ -282,7 +281,7 @@ impl Shared {
             if len == 0 {
                 continue;
             }
-            if st.gave_up {
+            if st.mode.batch_lost() {
                 continue;
             }
             copying = true;
@@ -320,8 +319,8 @@ impl Shared {
         let t2 = dm::now_ns();
         // An invalidated snapshot stops sharing its chunks: the origin may then write them
         // in place (the commit below clears the flag).
-        let invalidated = st.invalidation_pending;
-        if st.failed.is_none() && !st.gave_up {
+        let invalidated = st.mode.invalidation_pending();
+        if !st.mode.batch_lost() {
             if let Some(s) = st.store.as_mut() {
                 let dirty = s.is_dirty();
                 match s.commit() {
@@ -329,19 +328,19 @@ impl Shared {
                     Ok(()) => {}
                     Err(e) => self.give_up(st, "journal commit failed", e),
                 }
-                if st.failed.is_none() && !st.gave_up {
-                    st.invalidation_pending = false;
+                if st.mode == Mode::InvalidationPending {
+                    self.set_mode(st, Mode::Write);
                 }
             }
         }
-        if drain_reads || invalidated || st.gave_up {
+        if drain_reads || invalidated || st.mode.batch_lost() {
             // Snapshot reads in flight must finish before what they read can change.
             self.snap_reads.wait_zero();
         }
         // Reads planned before their snapshot was invalidated in this batch fail.
         let valid = st.store.as_ref().map_or(0, |s| s.sb().valid_mask());
         let t3 = dm::now_ns();
-        let failed = st.failed.is_some() || st.gave_up;
+        let failed = st.mode.batch_lost();
         for it in items[..n].iter_mut() {
             let Some(Item {
                 mut bio,
@@ -378,7 +377,7 @@ impl Shared {
 
     /// Runs one bounded step of snapshot deletion; returns true if more remains.
     fn delete_step(&self, st: &mut State) -> bool {
-        if st.failed.is_some() || st.suspended || self.readonly {
+        if st.mode.is_failed() || st.suspended || self.readonly {
             return false;
         }
         let Some(s) = st.store.as_mut() else {
