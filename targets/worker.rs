@@ -42,6 +42,244 @@ struct Item {
     off: u64,
     action: Action,
 }
+/// One batch of deferred bios, committed by one journal transaction, handled in steps with
+/// the state lock held throughout (see `Shared::run_batch`):
+/// [`plan`](Batch::plan) takes bios off the queue and plans their metadata changes,
+/// [`copy`](Batch::copy) copies the chunks they need to the COW device,
+/// [`commit`](Batch::commit) commits the batch and waits for the snapshot reads it must not
+/// overtake, and [`release`](Batch::release) sends its bios on (or fails them).
+struct Batch<'a> {
+    sh: &'a Shared,
+    /// The origin target's devices, for the whole batch.
+    at: Attached,
+    /// The bios planned: the first `n`.
+    items: [Option<Item>; BATCH],
+    n: usize,
+    /// Whether this batch lets data that a snapshot read in flight may be reading be
+    /// overwritten once it is released: an origin write, or a snapshot's write that
+    /// unshares a chunk (so that the origin, or the other sharers of its COW chunk, may
+    /// then write it in place without the worker).  Found by `copy`.
+    drain_reads: bool,
+}
+
+impl<'a> Batch<'a> {
+    fn new(sh: &'a Shared, at: Attached) -> Self {
+        Batch {
+            sh,
+            at,
+            items: [const { None }; BATCH],
+            n: 0,
+            drain_reads: false,
+        }
+    }
+
+    /// Takes bios off the queue and plans them (metadata changes in memory), until the
+    /// batch is full, the transaction is, or the queue is empty; origin writes that need no
+    /// copy are sent on at once.  Returns the number of bios taken off the queue.
+    fn plan(&mut self, st: &mut State) -> usize {
+        let sh = self.sh;
+        // Bios for a chunk already in the batch, in arrival order: they wait for the next one.
+        let mut later: [Option<Bio>; BATCH_LATER] = [const { None }; BATCH_LATER];
+        let mut nlater = 0;
+        let mut popped = 0;
+        while self.n < BATCH && popped < BATCH_POPS {
+            let Some(bio) = sh.worker.pop() else { break };
+            popped += 1;
+            let off = bio.sector();
+            let chunk = sh.chunk_of(off);
+            // One bio per chunk per batch: copies within a batch never depend on each other.
+            if self.items[..self.n]
+                .iter()
+                .flatten()
+                .any(|it| sh.chunk_of(it.off) == chunk)
+            {
+                if nlater == BATCH_LATER {
+                    sh.worker.push_front(bio);
+                    break;
+                }
+                later[nlater] = Some(bio);
+                nlater += 1;
+                continue;
+            }
+            match sh.plan(st, &bio, off) {
+                // An origin write deferred only because `map` found the lock taken, to a
+                // chunk no snapshot needs copied: it goes now, as `map` would have sent it,
+                // instead of taking a place in the batch and waiting for its commit.
+                Ok(Action::OriginWrite(None)) if st.mode == Mode::Write => {
+                    st.stats.passed += 1;
+                    sh.submit_origin_write(&self.at, bio, off);
+                }
+                Ok(action) => {
+                    self.items[self.n] = Some(Item { bio, off, action });
+                    self.n += 1;
+                }
+                Err(_) if self.n > 0 => {
+                    // Transaction full: finish this batch first.
+                    sh.worker.push_front(bio);
+                    break;
+                }
+                Err(_) => {
+                    sh.worker.push_front(bio);
+                    if let Some(s) = st.store.as_mut() {
+                        if let Err(e) = s.commit() {
+                            sh.give_up(st, "journal commit failed", e);
+                        }
+                    }
+                }
+            }
+        }
+        // Back at the head of the queue, ahead of everything that came after them.
+        for slot in later[..nlater].iter_mut().rev() {
+            if let Some(bio) = slot.take() {
+                sh.worker.push_front(bio);
+            }
+        }
+        popped
+    }
+
+    /// Copies the chunks the planned bios need to the COW device (runs of adjacent chunks
+    /// as one copy), unless the batch lost its store.
+    fn copy(&mut self, st: &mut State) {
+        let sh = self.sh;
+        let at = &self.at;
+        let n = self.n;
+        let mut copying = false;
+        // Adjacent chunks going to adjacent COW chunks are copied as one run.
+        let mut run: Option<(&Device, u64, u64, u64)> = None;
+        let mut copies = st.copier.batch();
+        for it in self.items[..n].iter().flatten() {
+            let chunk = sh.chunk_of(it.off);
+            let copy = match it.action {
+                Action::OriginWrite(c) => {
+                    self.drain_reads = true;
+                    c.map(|c| (&at.origin_h, chunk << sh.chunk_shift, sh.cow_sector(c, 0)))
+                }
+                Action::SnapWrite {
+                    dst,
+                    from: Some(src),
+                } => {
+                    self.drain_reads = true;
+                    Some(match src {
+                        Source::Origin => {
+                            (&at.origin_h, chunk << sh.chunk_shift, sh.cow_sector(dst, 0))
+                        }
+                        Source::Cow(c) => (&at.cow_h, sh.cow_sector(c, 0), sh.cow_sector(dst, 0)),
+                    })
+                }
+                _ => None,
+            };
+            let Some((dev, src, dst)) = copy else {
+                continue;
+            };
+            // The last chunk of an origin whose size is not a multiple of the chunk size
+            // is copied only as far as the target goes (no snapshot reads beyond it).
+            let len = if dev.same(&at.origin_h) {
+                sh.chunk_sectors.min(sh.origin_sectors.saturating_sub(src))
+            } else {
+                sh.chunk_sectors
+            };
+            if len == 0 {
+                continue;
+            }
+            if st.mode.batch_lost() {
+                continue;
+            }
+            copying = true;
+            st.stats.copied_chunks += 1;
+            match run.as_mut() {
+                Some((d, s, t, n)) if d.same(dev) && *s + *n == src && *t + *n == dst => *n += len,
+                _ => {
+                    if let Some((d, s, t, n)) = run.take() {
+                        copies.copy(d, s, &at.cow_h, t, n);
+                        st.stats.copy_jobs += 1;
+                    }
+                    run = Some((dev, src, dst, len));
+                }
+            }
+        }
+        if let Some((d, s, t, n)) = run.take() {
+            copies.copy(d, s, &at.cow_h, t, n);
+            st.stats.copy_jobs += 1;
+        }
+        let copied = if copying {
+            copies.wait()
+        } else {
+            drop(copies);
+            Ok(())
+        };
+        st.stats.batches += 1;
+        st.stats.bios += n as u64;
+        if copied.is_err() {
+            sh.give_up(
+                st,
+                "copy to the COW device failed",
+                StoreError::Io { block: u64::MAX },
+            );
+        }
+    }
+
+    /// Commits the batch (unless it lost its store), then waits for the snapshot reads in
+    /// flight that its release could overtake.
+    fn commit(&mut self, st: &mut State) {
+        let sh = self.sh;
+        // An invalidated snapshot stops sharing its chunks: the origin may then write them
+        // in place (the commit below clears the flag).
+        let invalidated = st.mode.invalidation_pending();
+        if !st.mode.batch_lost() {
+            if let Some(s) = st.store.as_mut() {
+                let dirty = s.is_dirty();
+                match s.commit() {
+                    Ok(()) if dirty => st.stats.commits += 1,
+                    Ok(()) => {}
+                    Err(e) => sh.give_up(st, "journal commit failed", e),
+                }
+                if st.mode == Mode::InvalidationPending {
+                    sh.set_mode(st, Mode::Write);
+                }
+            }
+        }
+        if self.drain_reads || invalidated || st.mode.batch_lost() {
+            // Snapshot reads in flight must finish before what they read can change.
+            sh.snap_reads.wait_zero();
+        }
+    }
+
+    /// Sends the batch's bios on, or fails them.
+    fn release(&mut self, st: &mut State) {
+        let sh = self.sh;
+        let at = &self.at;
+        // Reads planned before their snapshot was invalidated in this batch fail.
+        let valid = st.store.as_ref().map_or(0, |s| s.sb().valid_mask());
+        let failed = st.mode.batch_lost();
+        for it in self.items[..self.n].iter_mut() {
+            let Some(Item {
+                mut bio,
+                off,
+                action,
+            }) = it.take()
+            else {
+                continue;
+            };
+            match action {
+                Action::OriginWrite(_) => sh.submit_origin_write(&at, bio, off),
+                Action::Fail(e) => bio.endio(e.to_errno()),
+                _ if failed => bio.endio(EIO.to_errno()),
+                Action::SnapRead(_) if valid & (1 << BioCtx::from_tag(bio.tag()).slot()) == 0 => {
+                    bio.endio(EIO.to_errno())
+                }
+                Action::SnapRead(Source::Origin) => sh.submit_snap_read(bio, &at.origin_h, off),
+                Action::SnapRead(Source::Cow(c)) => {
+                    sh.submit_snap_read(bio, &at.cow_h, sh.cow_sector(c, off))
+                }
+                Action::SnapWrite { dst: c, .. } => {
+                    bio.remap(&at.cow_h, sh.cow_sector(c, off));
+                    bio.submit();
+                }
+            }
+        }
+    }
+}
+
 impl Shared {
     fn plan(
         &self,
@@ -163,210 +401,19 @@ impl Shared {
         if let Mode::GaveUp { .. } = st.mode {
             self.set_mode(st, Mode::Write);
         }
+        let mut batch = Batch::new(self, at);
         let t0 = dm::now_ns();
-        let mut items: [Option<Item>; BATCH] = [const { None }; BATCH];
-        let mut n = 0;
-        // Bios for a chunk already in the batch, in arrival order: they wait for the next one.
-        let mut later: [Option<Bio>; BATCH_LATER] = [const { None }; BATCH_LATER];
-        let mut nlater = 0;
-        let mut popped = 0;
-        while n < BATCH && popped < BATCH_POPS {
-            let Some(bio) = self.worker.pop() else { break };
-            popped += 1;
-            let off = bio.sector();
-            let chunk = self.chunk_of(off);
-            // One bio per chunk per batch: copies within a batch never depend on each other.
-            if items[..n]
-                .iter()
-                .flatten()
-                .any(|it| self.chunk_of(it.off) == chunk)
-            {
-                if nlater == BATCH_LATER {
-                    self.worker.push_front(bio);
-                    break;
-                }
-                later[nlater] = Some(bio);
-                nlater += 1;
-                continue;
-            }
-            match self.plan(st, &bio, off) {
-                // An origin write deferred only because `map` found the lock taken, to a
-                // chunk no snapshot needs copied: it goes now, as `map` would have sent it,
-                // instead of taking a place in the batch and waiting for its commit.
-                Ok(Action::OriginWrite(None)) if st.mode == Mode::Write => {
-                    st.stats.passed += 1;
-                    self.submit_origin_write(&at, bio, off);
-                }
-                Ok(action) => {
-                    items[n] = Some(Item { bio, off, action });
-                    n += 1;
-                }
-                Err(_) if n > 0 => {
-                    // Transaction full: finish this batch first.
-                    self.worker.push_front(bio);
-                    break;
-                }
-                Err(_) => {
-                    self.worker.push_front(bio);
-                    if let Some(s) = st.store.as_mut() {
-                        if let Err(e) = s.commit() {
-                            self.give_up(st, "journal commit failed", e);
-                        }
-                    }
-                }
-            }
-        }
-        // Back at the head of the queue, ahead of everything that came after them.
-        for slot in later[..nlater].iter_mut().rev() {
-            if let Some(bio) = slot.take() {
-                self.worker.push_front(bio);
-            }
-        }
-        if n == 0 {
+        let popped = batch.plan(st);
+        if batch.n == 0 {
             // Only writes sent on at once: the queue may still hold more.
             return popped > 0;
         }
         let t1 = dm::now_ns();
-        let mut copying = false;
-        // Whether this batch lets data that a snapshot read in flight may be reading be
-        // overwritten once it is released: an origin write, or a snapshot's write that
-        // unshares a chunk (so that the origin, or the other sharers of its COW chunk, may
-        // then write it in place without the worker).
-        let mut drain_reads = false;
-        // Adjacent chunks going to adjacent COW chunks are copied as one run.
-        let mut run: Option<(&Device, u64, u64, u64)> = None;
-        let mut batch = st.copier.batch();
-        for it in items[..n].iter().flatten() {
-            let chunk = self.chunk_of(it.off);
-            let copy = match it.action {
-                Action::OriginWrite(c) => {
-                    drain_reads = true;
-                    c.map(|c| {
-                        (
-                            &at.origin_h,
-                            chunk << self.chunk_shift,
-                            self.cow_sector(c, 0),
-                        )
-                    })
-                }
-                Action::SnapWrite {
-                    dst,
-                    from: Some(src),
-                } => {
-                    drain_reads = true;
-                    Some(match src {
-                        Source::Origin => (
-                            &at.origin_h,
-                            chunk << self.chunk_shift,
-                            self.cow_sector(dst, 0),
-                        ),
-                        Source::Cow(c) => {
-                            (&at.cow_h, self.cow_sector(c, 0), self.cow_sector(dst, 0))
-                        }
-                    })
-                }
-                _ => None,
-            };
-            let Some((dev, src, dst)) = copy else {
-                continue;
-            };
-            // The last chunk of an origin whose size is not a multiple of the chunk size
-            // is copied only as far as the target goes (no snapshot reads beyond it).
-            let len = if dev.same(&at.origin_h) {
-                self.chunk_sectors
-                    .min(self.origin_sectors.saturating_sub(src))
-            } else {
-                self.chunk_sectors
-            };
-            if len == 0 {
-                continue;
-            }
-            if st.mode.batch_lost() {
-                continue;
-            }
-            copying = true;
-            st.stats.copied_chunks += 1;
-            match run.as_mut() {
-                Some((d, s, t, n)) if d.same(dev) && *s + *n == src && *t + *n == dst => *n += len,
-                _ => {
-                    if let Some((d, s, t, n)) = run.take() {
-                        batch.copy(d, s, &at.cow_h, t, n);
-                        st.stats.copy_jobs += 1;
-                    }
-                    run = Some((dev, src, dst, len));
-                }
-            }
-        }
-        if let Some((d, s, t, n)) = run.take() {
-            batch.copy(d, s, &at.cow_h, t, n);
-            st.stats.copy_jobs += 1;
-        }
-        let copied = if copying {
-            batch.wait()
-        } else {
-            drop(batch);
-            Ok(())
-        };
-        st.stats.batches += 1;
-        st.stats.bios += n as u64;
-        if copied.is_err() {
-            self.give_up(
-                st,
-                "copy to the COW device failed",
-                StoreError::Io { block: u64::MAX },
-            );
-        }
+        batch.copy(st);
         let t2 = dm::now_ns();
-        // An invalidated snapshot stops sharing its chunks: the origin may then write them
-        // in place (the commit below clears the flag).
-        let invalidated = st.mode.invalidation_pending();
-        if !st.mode.batch_lost() {
-            if let Some(s) = st.store.as_mut() {
-                let dirty = s.is_dirty();
-                match s.commit() {
-                    Ok(()) if dirty => st.stats.commits += 1,
-                    Ok(()) => {}
-                    Err(e) => self.give_up(st, "journal commit failed", e),
-                }
-                if st.mode == Mode::InvalidationPending {
-                    self.set_mode(st, Mode::Write);
-                }
-            }
-        }
-        if drain_reads || invalidated || st.mode.batch_lost() {
-            // Snapshot reads in flight must finish before what they read can change.
-            self.snap_reads.wait_zero();
-        }
-        // Reads planned before their snapshot was invalidated in this batch fail.
-        let valid = st.store.as_ref().map_or(0, |s| s.sb().valid_mask());
+        batch.commit(st);
         let t3 = dm::now_ns();
-        let failed = st.mode.batch_lost();
-        for it in items[..n].iter_mut() {
-            let Some(Item {
-                mut bio,
-                off,
-                action,
-            }) = it.take()
-            else {
-                continue;
-            };
-            match action {
-                Action::OriginWrite(_) => self.submit_origin_write(&at, bio, off),
-                Action::Fail(e) => bio.endio(e.to_errno()),
-                _ if failed => bio.endio(EIO.to_errno()),
-                Action::SnapRead(_) if valid & (1 << BioCtx::from_tag(bio.tag()).slot()) == 0 => {
-                    bio.endio(EIO.to_errno())
-                }
-                Action::SnapRead(Source::Origin) => self.submit_snap_read(bio, &at.origin_h, off),
-                Action::SnapRead(Source::Cow(c)) => {
-                    self.submit_snap_read(bio, &at.cow_h, self.cow_sector(c, off))
-                }
-                Action::SnapWrite { dst: c, .. } => {
-                    bio.remap(&at.cow_h, self.cow_sector(c, off));
-                    bio.submit();
-                }
-            }
-        }
+        batch.release(st);
         let t4 = dm::now_ns();
         st.stats.plan_ns += t1 - t0;
         st.stats.copy_ns += t2 - t1;
