@@ -5,7 +5,7 @@
 
 use kernel::prelude::*;
 
-use crate::dm::{self, Device, SyncIo, VBuf};
+use crate::dm::{self, Device, SyncIo};
 use crate::exception_store::cache::{CacheMem, Parts, Slot, SCRATCH_BLOCKS};
 use crate::exception_store::format::{self as fmt_, Block, BLOCK_SECTORS, BLOCK_SIZE};
 
@@ -79,9 +79,10 @@ impl fmt_::BlockIo for MetaIo {
     }
 }
 
-/// Cache memory for the store: page-aligned blocks from vmalloc, bookkeeping from kmalloc.
+/// Cache memory for the store: blocks from vmalloc (page-aligned, as they are 4 KiB each),
+/// bookkeeping from kmalloc.
 pub(crate) struct CacheMemory {
-    blocks: VBuf<Block>,
+    blocks: VVec<Block>,
     slots: KVec<Slot>,
     buckets: KVec<u32>,
     pending: KVec<u64>,
@@ -91,7 +92,7 @@ impl CacheMemory {
     /// Memory for a cache of `n` blocks.
     pub(crate) fn new(n: usize) -> Result<Self> {
         Ok(CacheMemory {
-            blocks: VBuf::new(n + SCRATCH_BLOCKS)?,
+            blocks: VVec::from_elem([0; BLOCK_SIZE], n + SCRATCH_BLOCKS, GFP_KERNEL)?,
             slots: KVec::from_elem(Slot::new(), n, GFP_KERNEL)?,
             buckets: KVec::from_elem(0u32, (2 * n).next_power_of_two(), GFP_KERNEL)?,
             pending: KVec::from_elem(0u64, 1024, GFP_KERNEL)?,

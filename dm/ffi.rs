@@ -162,6 +162,4 @@ extern "C" {
     pub(super) fn dmss_crc32c(data: *const c_void, len: usize) -> u32;
     pub(super) fn dmss_random_u64() -> u64;
     pub(super) fn dmss_now_ns() -> u64;
-    pub(super) fn dmss_vzalloc(size: usize) -> *mut c_void;
-    pub(super) fn dmss_vfree(p: *mut c_void);
 }

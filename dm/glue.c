@@ -541,5 +541,3 @@ void dmss_copy_discard(struct dmss_copier *c)
 u32 dmss_crc32c(const void *data, size_t len) { return ~crc32c(~0, data, len); }
 u64 dmss_random_u64(void) { return get_random_u64(); }
 u64 dmss_now_ns(void) { return ktime_get_ns(); }
-void *dmss_vzalloc(size_t size) { return vzalloc(size); }
-void dmss_vfree(void *p) { vfree(p); }

@@ -136,7 +136,5 @@ void dmss_copy_discard(struct dmss_copier *c);
 u32 dmss_crc32c(const void *data, size_t len);
 u64 dmss_random_u64(void);
 u64 dmss_now_ns(void);
-void *dmss_vzalloc(size_t size);
-void dmss_vfree(void *p);
 
 #endif

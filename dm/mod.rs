@@ -15,14 +15,12 @@
 //! - [`io`]: dm-io (synchronous sector I/O, batched sector copies);
 //! - [`workqueue`]: a worker with a bio FIFO;
 //! - [`sync`]: a mutex with `try_lock`, an in-flight counter, a registry of live objects;
-//! - [`mem`]: zeroed vmalloc memory;
 //! - [`misc`]: checksum, random numbers, time.
 
 pub(crate) mod bio;
 pub(crate) mod device;
 mod ffi;
 pub(crate) mod io;
-pub(crate) mod mem;
 pub(crate) mod misc;
 pub(crate) mod sync;
 pub(crate) mod target;
@@ -31,7 +29,6 @@ pub(crate) mod workqueue;
 pub(crate) use bio::{Bio, BioKind, BioRef, MapBio};
 pub(crate) use device::Device;
 pub(crate) use io::{Copier, SyncIo};
-pub(crate) use mem::VBuf;
 pub(crate) use misc::{crc32c, now_ns, random_u64};
 pub(crate) use sync::{Inflight, Registry, TryMutex};
 pub(crate) use target::{
