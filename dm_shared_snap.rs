@@ -29,9 +29,11 @@ use dm::{
     Bio, BioKind, BioRef, Copier, CtrTarget, Device, EventHandle, Inflight, MapBio, MapResult,
     Output, Registration, Registry, StatusType, Target, TargetOps, TryMutex, WorkHandler, Worker,
 };
-use exception_store::format::{Block, BlockIo, Error as StoreError, BLOCK_SIZE, MAX_SNAPSHOTS};
+use exception_store::format::{
+    Block, BlockIo, Error as StoreError, PdataError, BLOCK_SIZE, MAX_SNAPSHOTS,
+};
 use exception_store::superblock::Super;
-use exception_store::{FormatParams, OriginWrite, SnapWrite, Source, Store};
+use exception_store::{Cached, FormatParams, OriginWrite, SnapWrite, Source, Step, Store};
 use store_io::{CacheMemory, MetaIo};
 
 module! {
@@ -232,21 +234,35 @@ fn fail(t: &Target, msg: &'static CStr, e: Error) -> Error {
     e
 }
 
-/// The errno and ti->error message for a store that cannot be opened.
-fn open_error(e: StoreError) -> (&'static CStr, Error) {
-    match e {
-        StoreError::NotAStore(_) => (
-            c_str!("COW device holds no shared-snapshot store (foreign data, wrong version or truncated)"),
-            EINVAL,
-        ),
-        StoreError::Corrupt { .. } => (
-            c_str!("COW device metadata is corrupt (see dmesg, run shsnap check)"),
-            EINVAL,
-        ),
-        StoreError::Io { .. } => (c_str!("I/O error reading the COW device"), EIO),
-        StoreError::Invalid(_) => (c_str!("COW device too small for a store"), EINVAL),
-        _ => (c_str!("cannot open the exception store"), EINVAL),
-    }
+/// The errno for a store error, and the ti->error message a constructor sets with it.
+/// `opening`: the error came from formatting or opening the COW device in a constructor,
+/// where a device that holds no usable store is an invalid argument; on a store in use,
+/// every failure that is not the caller's own mistake is an I/O error.
+fn store_errno(e: StoreError, opening: bool) -> (Error, &'static CStr) {
+    let errno = match e {
+        StoreError::Pdata(PdataError::Io { .. } | PdataError::Flush) | StoreError::DataCopy => EIO,
+        StoreError::NoMemory => ENOMEM,
+        StoreError::DuplicateId => EEXIST,
+        StoreError::TooManySnapshots => ENOSPC,
+        StoreError::NoSuchSnapshot => ENOENT,
+        StoreError::ReadOnly => EROFS,
+        _ if opening => EINVAL,
+        _ => EIO,
+    };
+    let msg = match e {
+        StoreError::NotAStore(_) => {
+            c_str!("COW device holds no shared-snapshot store (foreign data, wrong version or truncated)")
+        }
+        StoreError::Pdata(PdataError::Corrupt { .. }) => {
+            c_str!("COW device metadata is corrupt (see dmesg, run shsnap check)")
+        }
+        StoreError::Pdata(PdataError::Io { .. } | PdataError::Flush) => {
+            c_str!("I/O error reading the COW device")
+        }
+        StoreError::Invalid(_) => c_str!("COW device too small for a store"),
+        _ => c_str!("cannot open the exception store"),
+    };
+    (errno, msg)
 }
 
 /// The part of a COW device the store can use: whole 4 KiB blocks (what its queue limits
@@ -291,7 +307,7 @@ impl Origin {
             };
             if let Err(e) = exception_store::format(io, &p, block) {
                 pr_err!("{}: formatting the COW device: {}\n", cow.name(), e);
-                let (m, e) = open_error(e);
+                let (e, m) = store_errno(e, true);
                 return Err(fail(t, m, e));
             }
             pr_info!(
@@ -343,7 +359,7 @@ impl Origin {
             }
             Err(e) => {
                 pr_err!("{}: cannot open exception store: {}\n", cow.name(), e);
-                let (m, e) = open_error(e);
+                let (e, m) = store_errno(e, true);
                 Err(fail(t, m, e))
             }
         }
@@ -570,7 +586,9 @@ impl TargetOps for Origin {
                     let unshared_end = match (&st.failed, st.store.as_mut()) {
                         (None, Some(s)) => {
                             let mut c = chunk;
-                            while c << sh.chunk_shift < end && s.origin_sharers(c, true) == Ok(0) {
+                            while c << sh.chunk_shift < end
+                                && s.origin_sharers_cached(c) == Ok(Cached::Hit(0))
+                            {
                                 c += 1;
                             }
                             end.min(c << sh.chunk_shift)
@@ -814,7 +832,7 @@ impl Shared {
     }
 
     fn create(&self, store: &mut KStore, id: u32) -> Result {
-        match commit_op(store, |s| s.create_snapshot(id).map(|_| ())) {
+        match commit_op(store, |s| s.create_snapshot(id).map(|r| r.map(|_| ()))) {
             Ok(()) => {
                 pr_info!("{}: created snapshot {}\n", DevT(self.key.origin), id);
                 Ok(())
@@ -826,11 +844,7 @@ impl Shared {
                     id,
                     e
                 );
-                Err(match e {
-                    StoreError::DuplicateId => EEXIST,
-                    StoreError::TooManySnapshots => ENOSPC,
-                    _ => EIO,
-                })
+                Err(store_errno(e, false).0)
             }
         }
     }
@@ -858,11 +872,7 @@ impl Shared {
                     id,
                     e
                 );
-                Err(if e == StoreError::NoSuchSnapshot {
-                    ENOENT
-                } else {
-                    EIO
-                })
+                Err(store_errno(e, false).0)
             }
         }
     }
@@ -919,33 +929,28 @@ impl Shared {
         let live = s.sb().live_mask();
         s.invalidate(live)?;
         s.commit()?;
-        KBox::new(s, GFP_NOWAIT | __GFP_NOWARN).map_err(|_| StoreError::Invalid("out of memory"))
+        KBox::new(s, GFP_NOWAIT | __GFP_NOWARN).map_err(|_| StoreError::NoMemory)
     }
 
-    fn plan(
-        &self,
-        st: &mut State,
-        bio: &Bio,
-        off: u64,
-    ) -> core::result::Result<Action, StoreError> {
+    fn plan(&self, st: &mut State, bio: &Bio, off: u64) -> Step<Action> {
         let tag = bio.tag();
         let chunk = self.chunk_of(off);
         let snap = tag & TAG_SNAP != 0;
         if st.failed.is_some() || st.store.is_none() {
-            return Ok(if snap {
+            return Step::Done(if snap {
                 Action::Fail(EIO)
             } else {
                 Action::OriginWrite(None)
             });
         }
         let Some(store) = st.store.as_mut() else {
-            return Ok(Action::Fail(EIO));
+            return Step::Done(Action::Fail(EIO));
         };
         if !snap {
             return match store.origin_write(chunk) {
-                Ok(OriginWrite::NoCopy) => Ok(Action::OriginWrite(None)),
-                Ok(OriginWrite::Copy(c)) => Ok(Action::OriginWrite(Some(c))),
-                Ok(OriginWrite::Invalidated(mask)) => {
+                Ok(Step::Done(OriginWrite::NoCopy)) => Step::Done(Action::OriginWrite(None)),
+                Ok(Step::Done(OriginWrite::Copy(c))) => Step::Done(Action::OriginWrite(Some(c))),
+                Ok(Step::Done(OriginWrite::Invalidated(mask))) => {
                     st.invalidation_pending = true;
                     pr_err!(
                         "{}: COW device full: invalidated snapshot slots {:#x}\n",
@@ -953,38 +958,38 @@ impl Shared {
                         mask
                     );
                     st.raise_event();
-                    Ok(Action::OriginWrite(None))
+                    Step::Done(Action::OriginWrite(None))
                 }
-                Err(StoreError::TxFull) => Err(StoreError::TxFull),
+                Ok(Step::CommitFirst) => Step::CommitFirst,
                 Err(e) => {
                     self.give_up(st, "metadata error on origin write", e);
-                    Ok(Action::OriginWrite(None))
+                    Step::Done(Action::OriginWrite(None))
                 }
             };
         }
         let slot = slot_of_tag(tag);
         if bio.kind() == BioKind::Read {
-            return match store.lookup(chunk, slot, false) {
-                Ok(src) => Ok(Action::SnapRead(src)),
+            return Step::Done(match store.lookup(chunk, slot) {
+                Ok(src) => Action::SnapRead(src),
                 Err(StoreError::SnapshotInvalid) | Err(StoreError::NoSuchSnapshot) => {
-                    Ok(Action::Fail(EIO))
+                    Action::Fail(EIO)
                 }
                 Err(e) => {
                     self.give_up(st, "metadata error on snapshot read", e);
-                    Ok(Action::Fail(EIO))
+                    Action::Fail(EIO)
                 }
-            };
+            });
         }
-        match store.snapshot_write(chunk, slot) {
-            Ok(SnapWrite::InPlace(c)) => Ok(Action::SnapWrite { dst: c, from: None }),
+        Step::Done(match store.snapshot_write(chunk, slot) {
+            Ok(Step::Done(SnapWrite::InPlace(c))) => Action::SnapWrite { dst: c, from: None },
             // The chunk is copied even when the bio covers all of it: the commit that maps
             // the new chunk is durable before the bio's data is, and a power cut between
             // the two must show the snapshot's old data there, not the chunk's last use.
-            Ok(SnapWrite::Copy { from, to }) => Ok(Action::SnapWrite {
+            Ok(Step::Done(SnapWrite::Copy { from, to })) => Action::SnapWrite {
                 dst: to,
                 from: Some(from),
-            }),
-            Err(StoreError::TxFull) => Err(StoreError::TxFull),
+            },
+            Ok(Step::CommitFirst) => return Step::CommitFirst,
             Err(StoreError::NoDataSpace) => {
                 st.invalidation_pending = true;
                 pr_err!(
@@ -993,16 +998,14 @@ impl Shared {
                     slot
                 );
                 st.raise_event();
-                Ok(Action::Fail(EIO))
+                Action::Fail(EIO)
             }
-            Err(StoreError::SnapshotInvalid) | Err(StoreError::NoSuchSnapshot) => {
-                Ok(Action::Fail(EIO))
-            }
+            Err(StoreError::SnapshotInvalid) | Err(StoreError::NoSuchSnapshot) => Action::Fail(EIO),
             Err(e) => {
                 self.give_up(st, "metadata error on snapshot write", e);
-                Ok(Action::Fail(EIO))
+                Action::Fail(EIO)
             }
-        }
+        })
     }
 
     /// Sends an origin write to the origin device.
@@ -1065,22 +1068,22 @@ impl Shared {
                 // An origin write deferred only because `map` found the lock taken, to a
                 // chunk no snapshot needs copied: it goes now, as `map` would have sent it,
                 // instead of taking a place in the batch and waiting for its commit.
-                Ok(Action::OriginWrite(None))
+                Step::Done(Action::OriginWrite(None))
                     if st.failed.is_none() && !st.gave_up && !st.invalidation_pending =>
                 {
                     st.stats.passed += 1;
                     self.submit_origin_write(&at, bio, off);
                 }
-                Ok(action) => {
+                Step::Done(action) => {
                     items[n] = Some(Item { bio, off, action });
                     n += 1;
                 }
-                Err(_) if n > 0 => {
+                Step::CommitFirst if n > 0 => {
                     // Transaction full: finish this batch first.
                     self.worker.push_front(bio);
                     break;
                 }
-                Err(_) => {
+                Step::CommitFirst => {
                     self.worker.push_front(bio);
                     if let Some(s) = st.store.as_mut() {
                         if let Err(e) = s.commit() {
@@ -1184,11 +1187,7 @@ impl Shared {
         st.stats.batches += 1;
         st.stats.bios += n as u64;
         if copied.is_err() {
-            self.give_up(
-                st,
-                "copy to the COW device failed",
-                StoreError::Io { block: u64::MAX },
-            );
+            self.give_up(st, "copy to the COW device failed", StoreError::DataCopy);
         }
         let t2 = dm::now_ns();
         // An invalidated snapshot stops sharing its chunks: the origin may then write them
@@ -1301,12 +1300,15 @@ unsafe impl WorkHandler for Shared {
 /// transaction is full), for messages that must be durable before they answer.
 fn commit_op(
     store: &mut KStore,
-    mut op: impl FnMut(&mut KStore) -> core::result::Result<(), StoreError>,
+    mut op: impl FnMut(&mut KStore) -> core::result::Result<Step<()>, StoreError>,
 ) -> core::result::Result<(), StoreError> {
-    match op(store) {
-        Err(StoreError::TxFull) => store.commit().and_then(|_| op(store)),
-        r => r,
-    }?;
+    if let Step::CommitFirst = op(store)? {
+        store.commit()?;
+        if let Step::CommitFirst = op(store)? {
+            // An empty transaction has room for any operation.
+            return Err(PdataError::Bug("transaction full right after a commit").into());
+        }
+    }
     store.commit()
 }
 
@@ -1410,17 +1412,19 @@ impl TargetOps for Snapshot {
             }
             if let Some(s) = st.store.as_mut() {
                 let fast = if kind == BioKind::Read {
-                    match s.lookup(chunk, self.slot, true) {
-                        Ok(src) => Some(src),
+                    match s.lookup_cached(chunk, self.slot) {
+                        Ok(Cached::Hit(src)) => Some(src),
                         Err(StoreError::SnapshotInvalid) | Err(StoreError::NoSuchSnapshot) => {
                             return MapResult::Kill
                         }
-                        Err(_) => None,
+                        Ok(Cached::Miss) | Err(_) => None,
                     }
                 } else {
                     // Only a chunk this snapshot owns alone can be written without the worker.
-                    match s.owned_alone(chunk, self.slot, true) {
-                        Ok(own) if !s.sb().snaps[self.slot].is_invalid() => own.map(Source::Cow),
+                    match s.owned_alone_cached(chunk, self.slot) {
+                        Ok(Cached::Hit(own)) if !s.sb().snaps[self.slot].is_invalid() => {
+                            own.map(Source::Cow)
+                        }
                         _ => None,
                     }
                 };

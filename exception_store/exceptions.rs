@@ -6,6 +6,7 @@
 use super::format::MAX_SNAPSHOTS;
 use crate::pdata::block::{get64, put64, Block, Result};
 use crate::pdata::btree::{self, Value};
+use crate::pdata::cache::Cached;
 
 pub use crate::pdata::btree::{count, init_node, level, node_type, prune, NodeStore, Path, Root};
 // For the tools (the checker, the forger and the bulk builder); the kernel target uses none.
@@ -146,13 +147,13 @@ pub fn chunk_range(b: &Block, chunk: u64) -> (usize, usize) {
 }
 
 /// Descends to the leaf covering `chunk`.
-pub fn find_leaf(
-    ns: &mut impl NodeStore,
-    root: Root,
-    chunk: u64,
-    nonblocking: bool,
-) -> Result<Path> {
-    btree::find_leaf::<ExceptionValue>(ns, root, chunk, nonblocking)
+pub fn find_leaf(ns: &mut impl NodeStore, root: Root, chunk: u64) -> Result<Path> {
+    btree::find_leaf::<ExceptionValue>(ns, root, chunk)
+}
+
+/// As `find_leaf`, without reading from disk: `Miss` if a node on the way is not loaded.
+pub fn find_cached_leaf(ns: &mut impl NodeStore, root: Root, chunk: u64) -> Result<Cached<Path>> {
+    btree::find_cached_leaf::<ExceptionValue>(ns, root, chunk)
 }
 
 /// Inserts an exception (the caller guarantees (chunk, cow) is not present).

@@ -140,7 +140,7 @@ impl Layout {
 
     /// Checks that the regions are sane, in order, and fit a device of `dev_blocks`.
     pub fn validate(&self, dev_blocks: u64) -> Result<()> {
-        let bad = |w| Err(Error::Corrupt { block: 0, what: w });
+        let bad = |w| Err(PdataError::Corrupt { block: 0, what: w }.into());
         if !self.chunk_sectors.is_power_of_two() || !(8..=2048).contains(&self.chunk_sectors) {
             return bad("chunk size out of range");
         }
@@ -425,7 +425,7 @@ impl Super {
         sb.delete_cursor = get64(b, SB_DELETE_CURSOR);
         sb.next_seq = get64(b, SB_NEXT_SEQ);
         sb.alloc_hint = [get64(b, SB_ALLOC_HINT), get64(b, SB_ALLOC_HINT + 8)];
-        let bad = |w| Err(Error::Corrupt { block: nr, what: w });
+        let bad = |w| Err(PdataError::Corrupt { block: nr, what: w }.into());
         if sb.meta_used > layout.meta_blocks || sb.data_used > layout.data_chunks {
             return bad("space counters exceed the areas");
         }

@@ -186,19 +186,17 @@ pub fn commit<M: CacheMem>(
         return Ok(());
     }
     if n > MAX_TX_BLOCKS {
-        return Err(Error::Invalid(
-            "transaction larger than the journal descriptor",
-        ));
+        return Err(Error::Bug("transaction larger than the journal descriptor"));
     }
     let used = j.off.checked_sub(j.tail).filter(|&u| u <= j.size);
     let (Some(used), Some(next_off), Some(next_seq)) =
         (used, j.off.checked_add(n as u64 + 1), j.seq.checked_add(1))
     else {
-        return Err(Error::Invalid("journal position out of range"));
+        return Err(Error::Bug("journal position out of range"));
     };
     if j.size - used < n as u64 + 1 {
         // Every commit leaves room for the largest transaction (below).
-        return Err(Error::Invalid("journal full"));
+        return Err(Error::Bug("journal full"));
     }
     let (blocks, slots, staging) = cache.commit_view();
     let dloc = j.loc(j.off);
@@ -214,7 +212,7 @@ pub fn commit<M: CacheMem>(
             continue;
         }
         if i == n {
-            return Err(Error::Invalid("dirty count mismatch"));
+            return Err(Error::Bug("dirty count mismatch"));
         }
         seal(io, b);
         DescEntry {

@@ -84,7 +84,7 @@ fn read<D: BlockIo>(io: &mut D, nr: u64) -> Result<Block> {
 fn write<D: BlockIo>(io: &mut D, nr: u64, b: &mut Block) -> Result<()> {
     seal(io, b);
     io.write_block(nr, b)?;
-    io.flush()
+    Ok(io.flush()?)
 }
 
 fn walk<D: BlockIo>(io: &mut D, sb: &Super) -> Vec<Node> {
