@@ -10,7 +10,7 @@ use crate::pdata::cache::Cached;
 
 pub use crate::pdata::btree::{count, init_node, level, node_type, prune, NodeStore, Path, Root};
 // For the tools (the checker, the forger and the bulk builder); the kernel target uses none.
-#[allow(unused_imports)]
+#[cfg_attr(not(feature = "std"), expect(unused_imports, reason = "for the tools"))]
 pub use crate::pdata::btree::{internal_entry, set_count, set_internal_entry, INTERNAL_CAP};
 
 /// One exception: the copy of origin chunk `chunk` kept in COW chunk `cow`, shared by the
@@ -114,6 +114,7 @@ pub fn leaf_entry(b: &Block, i: usize) -> Exception {
 }
 
 /// Writes exception `i` of a leaf (the count is set apart: `set_count`).
+#[cfg_attr(not(feature = "std"), expect(dead_code, reason = "for the tools"))]
 pub fn set_leaf_entry(b: &mut Block, i: usize, e: &Exception) {
     let v = ExceptionValue {
         cow: e.cow,

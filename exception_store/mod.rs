@@ -247,12 +247,16 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
     }
 
     /// Whether the store was opened read-only.
+    #[cfg_attr(not(feature = "std"), expect(dead_code, reason = "for the tools"))]
     pub fn is_readonly(&self) -> bool {
         self.readonly
     }
 
     /// The store over an opened journal, with its state block loaded.
-    #[allow(clippy::too_many_arguments)]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "what the two kinds of open have each prepared for the one constructor"
+    )]
     fn loaded(
         io: D,
         cache: Cache<M>,
@@ -292,7 +296,7 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
         let scratch = self.cache.scratch(0);
         self.io.read_block(STATE_BLOCK, scratch)?;
         let dev = self.io.size_blocks();
-        Super::decode_into(&self.io, scratch, STATE_BLOCK, dev, &mut *self.sb)?;
+        Super::decode_into(&self.io, scratch, STATE_BLOCK, dev, &mut self.sb)?;
         if self.sb.store_id != store_id || self.sb.layout != *layout {
             return Err(PdataError::Corrupt {
                 block: STATE_BLOCK,
@@ -333,11 +337,13 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
     }
 
     /// The I/O object.
+    #[cfg_attr(not(feature = "std"), expect(dead_code, reason = "for the tools"))]
     pub fn io(&mut self) -> &mut D {
         &mut self.io
     }
 
     /// The journal state.
+    #[cfg_attr(not(feature = "std"), expect(dead_code, reason = "for the tools"))]
     pub fn journal(&self) -> &Journal {
         &self.journal
     }
@@ -353,6 +359,7 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
     }
 
     /// Set after an error that left memory inconsistent with disk.
+    #[cfg_attr(not(feature = "std"), expect(dead_code, reason = "for the tools"))]
     pub fn poisoned(&self) -> Option<Error> {
         self.poisoned
     }
@@ -489,6 +496,7 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
     }
 
     /// Whether bit `i` of `area` is set (allocated).
+    #[cfg_attr(not(feature = "std"), expect(dead_code, reason = "for the tools"))]
     pub fn is_allocated(&mut self, area: Area, i: u64) -> Result<bool> {
         let sm = self.space_map(area);
         Ok(sm.is_allocated(&mut self.io, &mut self.cache, i)?)

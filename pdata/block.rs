@@ -166,6 +166,7 @@ const H_TYPE: usize = 4;
 const H_BLOCKNR: usize = 8;
 const H_STORE_ID: usize = 16;
 /// Offset of the type-specific header word.
+#[cfg_attr(not(feature = "std"), expect(dead_code, reason = "for the tools"))]
 pub const H_AUX: usize = 24;
 
 /// Fills in a block's header fields (not the checksum).

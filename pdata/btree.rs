@@ -350,7 +350,7 @@ fn descend<V: Value>(
         };
         let b = ns.nb(slot);
         let n = count(b);
-        let in_range = |k: u64| k >= lo && path.upper.map_or(true, |h| k < h);
+        let in_range = |k: u64| k >= lo && path.upper.is_none_or(|h| k < h);
         let (first, last) = match (lvl, n) {
             (_, 0) => (lo, lo),
             (0, _) => (leaf_key::<V>(b, 0), leaf_key::<V>(b, n - 1)),

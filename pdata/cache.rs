@@ -370,6 +370,7 @@ impl<M: CacheMem> Cache<M> {
     }
 
     /// Calls `f` with the slot index of every dirty block, in slot order.
+    #[cfg_attr(not(feature = "std"), expect(dead_code, reason = "for the tools"))]
     pub fn for_each_dirty(
         &mut self,
         mut f: impl FnMut(&mut Self, usize) -> Result<()>,
@@ -383,6 +384,7 @@ impl<M: CacheMem> Cache<M> {
     }
 
     /// Mutable access to a dirty slot's data without changing its state (sealing).
+    #[cfg_attr(not(feature = "std"), expect(dead_code, reason = "for the tools"))]
     pub fn raw_mut(&mut self, idx: usize) -> &mut Block {
         &mut self.mem.parts().blocks[idx]
     }
@@ -446,6 +448,7 @@ impl<M: CacheMem> Cache<M> {
     }
 
     /// The staging area for one journal transaction.
+    #[cfg_attr(not(feature = "std"), expect(dead_code, reason = "for the tools"))]
     pub fn staging(&mut self) -> &mut [Block] {
         let n = self.capacity();
         &mut self.mem.parts().blocks[n + 2..]
@@ -453,6 +456,7 @@ impl<M: CacheMem> Cache<M> {
 
     /// Forgets everything, dirty blocks included (after a failed commit the in-memory state
     /// is no longer trusted).
+    #[cfg_attr(not(feature = "std"), expect(dead_code, reason = "for the tools"))]
     pub fn reset(&mut self) {
         for b in self.mem.parts().buckets.iter_mut() {
             *b = NONE;

@@ -268,6 +268,11 @@ enum TxCheck {
     Valid(u32),
 }
 
+#[expect(
+    clippy::too_many_arguments,
+    reason = "replay's state (journal, what may go home, store id) and scratch blocks, as the \
+              other replay steps take them, plus the position checked"
+)]
 fn check_tx(
     io: &mut impl BlockIo,
     j: &Journal,
@@ -343,7 +348,7 @@ fn read_header(
     for nr in HEADER_BLOCKS {
         io.read_block(nr, d)?;
         if let Ok(h) = JournalHeader::decode(io, d, nr, store_id) {
-            if best.map_or(true, |(b, _)| (h.seq, h.off) > (b.seq, b.off)) {
+            if best.is_none_or(|(b, _)| (h.seq, h.off) > (b.seq, b.off)) {
                 best = Some((h, nr));
             }
         }

@@ -108,7 +108,7 @@ impl SpaceMap {
             let mut bit = bit0;
             let mut found = None;
             while bit < end {
-                if bit % 64 == 0 && bit + 64 <= end {
+                if bit.is_multiple_of(64) && bit + 64 <= end {
                     let o = HEADER_SIZE + (bit / 8) as usize;
                     if get64(cache.data(slot), o) == u64::MAX {
                         bit += 64;

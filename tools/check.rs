@@ -250,7 +250,7 @@ pub fn check_with<D: BlockIo>(dev: D, keep_map: bool) -> (Report, Option<(Super,
             continue;
         }
         let n = btree::count(&b);
-        let in_range = |k: u64| k >= lo && hi.map_or(true, |h| k < h);
+        let in_range = |k: u64| k >= lo && hi.is_none_or(|h| k < h);
         if level == 0 {
             if n == 0 && blk != sb.root.block {
                 err(&mut r, format!("block {}: empty leaf below the root", blk));

@@ -207,7 +207,7 @@ impl BlockIo for MemDev {
     /// a cut can keep any subset of them, or tear one.
     fn write_run(&mut self, nr: u64, bufs: &[Block], preflush: bool, fua: bool) -> PdataResult<()> {
         let n = bufs.len() as u64;
-        if n == 0 || nr.checked_add(n).map_or(true, |e| e > self.blocks) {
+        if n == 0 || nr.checked_add(n).is_none_or(|e| e > self.blocks) {
             return Err(PdataError::Io { block: nr });
         }
         if preflush {
