@@ -29,22 +29,22 @@ fn sector_of(nr: u64) -> u64 {
 }
 
 impl fmt_::BlockIo for MetaIo {
-    fn read_block(&mut self, nr: u64, buf: &mut Block) -> fmt_::Result<()> {
+    fn read_block(&mut self, nr: u64, buf: &mut Block) -> fmt_::PdataResult<()> {
         if nr >= self.blocks {
-            return Err(fmt_::Error::Io { block: nr });
+            return Err(fmt_::PdataError::Io { block: nr });
         }
         self.io
             .read(sector_of(nr), buf)
-            .map_err(|_| fmt_::Error::Io { block: nr })
+            .map_err(|_| fmt_::PdataError::Io { block: nr })
     }
 
-    fn write_block(&mut self, nr: u64, buf: &Block) -> fmt_::Result<()> {
+    fn write_block(&mut self, nr: u64, buf: &Block) -> fmt_::PdataResult<()> {
         if nr >= self.blocks {
-            return Err(fmt_::Error::Io { block: nr });
+            return Err(fmt_::PdataError::Io { block: nr });
         }
         self.io
             .write(sector_of(nr), buf, false, false)
-            .map_err(|_| fmt_::Error::Io { block: nr })
+            .map_err(|_| fmt_::PdataError::Io { block: nr })
     }
 
     fn write_run(
@@ -53,21 +53,19 @@ impl fmt_::BlockIo for MetaIo {
         bufs: &[Block],
         preflush: bool,
         fua: bool,
-    ) -> fmt_::Result<()> {
+    ) -> fmt_::PdataResult<()> {
         let n = bufs.len() as u64;
         if n == 0 || nr + n > self.blocks {
-            return Err(fmt_::Error::Io { block: nr });
+            return Err(fmt_::PdataError::Io { block: nr });
         }
         // One request over the contiguous blocks.
         self.io
             .write(sector_of(nr), bufs.as_flattened(), preflush, fua)
-            .map_err(|_| fmt_::Error::Io { block: nr })
+            .map_err(|_| fmt_::PdataError::Io { block: nr })
     }
 
-    fn flush(&mut self) -> fmt_::Result<()> {
-        self.io
-            .flush()
-            .map_err(|_| fmt_::Error::Io { block: u64::MAX })
+    fn flush(&mut self) -> fmt_::PdataResult<()> {
+        self.io.flush().map_err(|_| fmt_::PdataError::Flush)
     }
 
     fn size_blocks(&self) -> u64 {

@@ -6,10 +6,11 @@
 use super::format::MAX_SNAPSHOTS;
 use crate::pdata::block::{get64, put64, Block, Result};
 use crate::pdata::btree::{self, Value};
+use crate::pdata::cache::Cached;
 
 pub use crate::pdata::btree::{count, init_node, level, node_type, prune, NodeStore, Path, Root};
 // For the tools (the checker, the forger and the bulk builder); the kernel target uses none.
-#[allow(unused_imports)]
+#[cfg_attr(not(feature = "std"), expect(unused_imports, reason = "for the tools"))]
 pub use crate::pdata::btree::{internal_entry, set_count, set_internal_entry, INTERNAL_CAP};
 
 /// One exception: the copy of origin chunk `chunk` kept in COW chunk `cow`, shared by the
@@ -113,6 +114,7 @@ pub fn leaf_entry(b: &Block, i: usize) -> Exception {
 }
 
 /// Writes exception `i` of a leaf (the count is set apart: `set_count`).
+#[cfg_attr(not(feature = "std"), expect(dead_code, reason = "for the tools"))]
 pub fn set_leaf_entry(b: &mut Block, i: usize, e: &Exception) {
     let v = ExceptionValue {
         cow: e.cow,
@@ -146,13 +148,13 @@ pub fn chunk_range(b: &Block, chunk: u64) -> (usize, usize) {
 }
 
 /// Descends to the leaf covering `chunk`.
-pub fn find_leaf(
-    ns: &mut impl NodeStore,
-    root: Root,
-    chunk: u64,
-    nonblocking: bool,
-) -> Result<Path> {
-    btree::find_leaf::<ExceptionValue>(ns, root, chunk, nonblocking)
+pub fn find_leaf(ns: &mut impl NodeStore, root: Root, chunk: u64) -> Result<Path> {
+    btree::find_leaf::<ExceptionValue>(ns, root, chunk)
+}
+
+/// As `find_leaf`, without reading from disk: `Miss` if a node on the way is not loaded.
+pub fn find_cached_leaf(ns: &mut impl NodeStore, root: Root, chunk: u64) -> Result<Cached<Path>> {
+    btree::find_cached_leaf::<ExceptionValue>(ns, root, chunk)
 }
 
 /// Inserts an exception (the caller guarantees (chunk, cow) is not present).

@@ -5,10 +5,12 @@
 //! Transactions: mutating operations change cached blocks; `commit` journals them.  An
 //! operation that returns a COW chunk to copy into expects the caller to finish that copy
 //! before the next `commit` (the commit's leading flush makes it durable first).  When the
-//! transaction is full, operations return `Error::TxFull` without changing anything: commit
-//! and retry.  An I/O error or corruption found in the middle of an operation poisons the
-//! store: nothing more is committed, and reopening replays the last committed state.
+//! transaction is full, operations return `Step::CommitFirst` without changing anything:
+//! commit and call again.  A failure of the persistent-data layer (I/O error, corruption, ...)
+//! in the middle of an operation poisons the store: nothing more is committed, and reopening
+//! replays the last committed state.
 
+pub mod error;
 pub mod exceptions;
 pub mod format;
 pub mod superblock;
@@ -17,6 +19,8 @@ pub mod superblock;
 pub use crate::pdata::cache;
 /// The journal (the checker reads it).
 pub use crate::pdata::journal;
+pub use cache::Cached;
+pub use error::{Error, Result, Step};
 
 use crate::pdata::space_map::{self, SpaceMap, PENDING_MAX};
 use cache::{Cache, CacheMem};
@@ -243,12 +247,16 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
     }
 
     /// Whether the store was opened read-only.
+    #[cfg_attr(not(feature = "std"), expect(dead_code, reason = "for the tools"))]
     pub fn is_readonly(&self) -> bool {
         self.readonly
     }
 
     /// The store over an opened journal, with its state block loaded.
-    #[allow(clippy::too_many_arguments)]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "what the two kinds of open have each prepared for the one constructor"
+    )]
     fn loaded(
         io: D,
         cache: Cache<M>,
@@ -288,12 +296,13 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
         let scratch = self.cache.scratch(0);
         self.io.read_block(STATE_BLOCK, scratch)?;
         let dev = self.io.size_blocks();
-        Super::decode_into(&self.io, scratch, STATE_BLOCK, dev, &mut *self.sb)?;
+        Super::decode_into(&self.io, scratch, STATE_BLOCK, dev, &mut self.sb)?;
         if self.sb.store_id != store_id || self.sb.layout != *layout {
-            return Err(Error::Corrupt {
+            return Err(PdataError::Corrupt {
                 block: STATE_BLOCK,
                 what: "state block disagrees with the superblock",
-            });
+            }
+            .into());
         }
         Ok(())
     }
@@ -328,11 +337,13 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
     }
 
     /// The I/O object.
+    #[cfg_attr(not(feature = "std"), expect(dead_code, reason = "for the tools"))]
     pub fn io(&mut self) -> &mut D {
         &mut self.io
     }
 
     /// The journal state.
+    #[cfg_attr(not(feature = "std"), expect(dead_code, reason = "for the tools"))]
     pub fn journal(&self) -> &Journal {
         &self.journal
     }
@@ -348,6 +359,7 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
     }
 
     /// Set after an error that left memory inconsistent with disk.
+    #[cfg_attr(not(feature = "std"), expect(dead_code, reason = "for the tools"))]
     pub fn poisoned(&self) -> Option<Error> {
         self.poisoned
     }
@@ -392,29 +404,29 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
         Ok(())
     }
 
-    fn begin(&mut self) -> Result<()> {
+    /// Starts a mutation, unless the transaction is too full for one (`CommitFirst`).
+    fn begin(&mut self) -> Result<Step<()>> {
         self.check_usable()?;
         if self.readonly {
             return Err(Error::ReadOnly);
         }
         if self.needs_commit() {
-            return Err(Error::TxFull);
+            return Ok(Step::CommitFirst);
         }
         self.cache.begin_op();
-        Ok(())
+        Ok(Step::Done(()))
     }
 
-    /// Runs a mutation; errors that can leave memory half-updated poison the store.
-    fn guard<T>(&mut self, r: Result<T>) -> Result<T> {
-        if let Err(e) = r {
-            if matches!(
-                e,
-                Error::Io { .. } | Error::Corrupt { .. } | Error::CacheFull
-            ) {
+    /// Runs a mutation; failures of the persistent-data layer can leave memory half-updated:
+    /// they poison the store.
+    fn guard<T, E: Into<Error>>(&mut self, r: core::result::Result<T, E>) -> Result<T> {
+        r.map_err(|e| {
+            let e = e.into();
+            if let Error::Pdata(_) = e {
                 self.poisoned = Some(e);
             }
-        }
-        r
+            e
+        })
     }
 
     /// Commits the current transaction through the journal.
@@ -484,27 +496,24 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
     }
 
     /// Whether bit `i` of `area` is set (allocated).
+    #[cfg_attr(not(feature = "std"), expect(dead_code, reason = "for the tools"))]
     pub fn is_allocated(&mut self, area: Area, i: u64) -> Result<bool> {
         let sm = self.space_map(area);
-        sm.is_allocated(&mut self.io, &mut self.cache, i)
+        Ok(sm.is_allocated(&mut self.io, &mut self.cache, i)?)
     }
 
-    /// Next-fit allocation from the hint persisted in the state block (`SpaceMap::alloc`).
-    fn alloc(&mut self, area: Area) -> Result<u64> {
+    /// Next-fit allocation from the hint persisted in the state block (`SpaceMap::alloc`);
+    /// `None`: the area is full.
+    fn alloc(&mut self, area: Area) -> PdataResult<Option<u64>> {
         let mut sm = self.space_map(area);
-        match sm.alloc(&mut self.io, &mut self.cache)? {
-            Some(c) => {
-                self.put_space_map(area, &sm);
-                Ok(c)
-            }
-            None => Err(match area {
-                Area::Meta => Error::NoMetaSpace,
-                Area::Data => Error::NoDataSpace,
-            }),
+        let c = sm.alloc(&mut self.io, &mut self.cache)?;
+        if c.is_some() {
+            self.put_space_map(area, &sm);
         }
+        Ok(c)
     }
 
-    fn free(&mut self, area: Area, i: u64) -> Result<()> {
+    fn free(&mut self, area: Area, i: u64) -> PdataResult<()> {
         let mut sm = self.space_map(area);
         sm.free(&mut self.io, &mut self.cache, i)?;
         self.put_space_map(area, &sm);
@@ -514,27 +523,47 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
     // ---- lookups -------------------------------------------------------------------------
 
     /// Calls `f` for every exception of `chunk`.
-    pub fn exceptions_of(
+    pub fn exceptions_of(&mut self, chunk: u64, f: impl FnMut(&Exception)) -> Result<()> {
+        blocking(self.scan(chunk, false, f))
+    }
+
+    /// `exceptions_of`; `cached_only`: read nothing from disk (`Miss` instead).
+    fn scan(
         &mut self,
         chunk: u64,
-        nonblocking: bool,
+        cached_only: bool,
         mut f: impl FnMut(&Exception),
-    ) -> Result<()> {
+    ) -> Result<Cached<()>> {
         self.check_usable()?;
         self.cache.begin_op();
         let root = self.sb.root;
-        let path = btree::find_leaf(self, root, chunk, nonblocking)?;
+        let path = if cached_only {
+            match btree::find_cached_leaf(self, root, chunk)? {
+                Cached::Hit(path) => path,
+                Cached::Miss => return Ok(Cached::Miss),
+            }
+        } else {
+            btree::find_leaf(self, root, chunk)?
+        };
         let b = self.cache.data(path.leaf.1);
         let (s, e) = btree::chunk_range(b, chunk);
         for i in s..e {
             f(&btree::leaf_entry(b, i));
         }
-        Ok(())
+        Ok(Cached::Hit(()))
     }
 
-    /// Where snapshot `slot` reads `chunk` from.  `nonblocking`: fail with WouldBlock rather
-    /// than read metadata.
-    pub fn lookup(&mut self, chunk: u64, slot: usize, nonblocking: bool) -> Result<Source> {
+    /// Where snapshot `slot` reads `chunk` from.
+    pub fn lookup(&mut self, chunk: u64, slot: usize) -> Result<Source> {
+        blocking(self.lookup_in(chunk, slot, false))
+    }
+
+    /// As `lookup`, without reading metadata from disk.
+    pub fn lookup_cached(&mut self, chunk: u64, slot: usize) -> Result<Cached<Source>> {
+        self.lookup_in(chunk, slot, true)
+    }
+
+    fn lookup_in(&mut self, chunk: u64, slot: usize, cached_only: bool) -> Result<Cached<Source>> {
         if slot >= MAX_SNAPSHOTS || self.sb.snaps[slot].flags & SNAP_LIVE == 0 {
             return Err(Error::NoSuchSnapshot);
         }
@@ -543,46 +572,50 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
         }
         let bit = 1u64 << slot;
         let mut src = Source::Origin;
-        self.exceptions_of(chunk, nonblocking, |e| {
+        let r = self.scan(chunk, cached_only, |e| {
             if e.share & bit != 0 {
                 src = Source::Cow(e.cow);
             }
         })?;
-        Ok(src)
+        Ok(r.map(|()| src))
     }
 
     /// The COW chunk snapshot `slot` owns alone for `chunk` (an exception whose share is
-    /// exactly its bit: a write goes there in place), if any.
-    pub fn owned_alone(
-        &mut self,
-        chunk: u64,
-        slot: usize,
-        nonblocking: bool,
-    ) -> Result<Option<u64>> {
+    /// exactly its bit: a write goes there in place), if any; reads nothing from disk.
+    pub fn owned_alone_cached(&mut self, chunk: u64, slot: usize) -> Result<Cached<Option<u64>>> {
         let bit = 1u64 << slot;
         let mut own = None;
-        self.exceptions_of(chunk, nonblocking, |e| {
+        let r = self.scan(chunk, true, |e| {
             if e.share == bit {
                 own = Some(e.cow);
             }
         })?;
-        Ok(own)
+        Ok(r.map(|()| own))
     }
 
     /// Bitmap of valid live snapshots that still share `chunk` with the origin.
-    pub fn origin_sharers(&mut self, chunk: u64, nonblocking: bool) -> Result<u64> {
+    pub fn origin_sharers(&mut self, chunk: u64) -> Result<u64> {
+        blocking(self.origin_sharers_in(chunk, false))
+    }
+
+    /// As `origin_sharers`, without reading metadata from disk.
+    pub fn origin_sharers_cached(&mut self, chunk: u64) -> Result<Cached<u64>> {
+        self.origin_sharers_in(chunk, true)
+    }
+
+    fn origin_sharers_in(&mut self, chunk: u64, cached_only: bool) -> Result<Cached<u64>> {
         let live = self.sb.valid_mask();
         if live == 0 {
-            return Ok(0);
+            return Ok(Cached::Hit(0));
         }
         let mut copied = 0u64;
-        self.exceptions_of(chunk, nonblocking, |e| copied |= e.share)?;
-        Ok(live & !copied)
+        let r = self.scan(chunk, cached_only, |e| copied |= e.share)?;
+        Ok(r.map(|()| live & !copied))
     }
 
     // ---- mutations -----------------------------------------------------------------------
 
-    fn insert_exception(&mut self, e: Exception) -> Result<()> {
+    fn insert_exception(&mut self, e: Exception) -> PdataResult<()> {
         let mut root = self.sb.root;
         let r = btree::insert(self, &mut root, e);
         if root != self.sb.root {
@@ -596,14 +629,15 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
 
     /// Sets the share bitmap of exception (chunk, cow); removes it (and frees its chunk) when
     /// the bitmap becomes empty.
-    fn set_share(&mut self, chunk: u64, cow: u64, share: u64) -> Result<()> {
+    fn set_share(&mut self, chunk: u64, cow: u64, share: u64) -> PdataResult<()> {
         let mut root = self.sb.root;
-        let path = btree::find_leaf(self, root, chunk, false)?;
+        let path = btree::find_leaf(self, root, chunk)?;
         let lslot = path.leaf.1;
         let (s, e) = btree::chunk_range(self.cache.data(lslot), chunk);
         let Some(i) = (s..e).find(|&i| btree::leaf_entry(self.cache.data(lslot), i).cow == cow)
         else {
-            return Err(Error::Invalid("no such exception"));
+            // The caller found it in this leaf.
+            return Err(PdataError::Bug("no such exception"));
         };
         let old = btree::leaf_entry(self.cache.data(lslot), i).share;
         account(&mut self.sb.snaps, old, share);
@@ -650,21 +684,20 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
 
     /// Prepares an origin write to `chunk`: records one exception for every snapshot still
     /// sharing the chunk, whatever their number.
-    pub fn origin_write(&mut self, chunk: u64) -> Result<OriginWrite> {
-        self.begin()?;
-        let sharers = self.origin_sharers(chunk, false);
+    pub fn origin_write(&mut self, chunk: u64) -> Result<Step<OriginWrite>> {
+        let Step::Done(()) = self.begin()? else {
+            return Ok(Step::CommitFirst);
+        };
+        let sharers = self.origin_sharers(chunk);
         let sharers = self.guard(sharers)?;
         if sharers == 0 {
-            return Ok(OriginWrite::NoCopy);
+            return Ok(Step::Done(OriginWrite::NoCopy));
         }
         self.meta_room()?;
-        let cow = match self.alloc(Area::Data) {
-            Ok(c) => c,
-            Err(Error::NoDataSpace) => {
-                self.invalidate_mask(sharers);
-                return Ok(OriginWrite::Invalidated(sharers));
-            }
-            Err(e) => return self.guard(Err(e)),
+        let r = self.alloc(Area::Data);
+        let Some(cow) = self.guard(r)? else {
+            self.invalidate_mask(sharers);
+            return Ok(Step::Done(OriginWrite::Invalidated(sharers)));
         };
         let r = self.insert_exception(Exception {
             chunk,
@@ -672,34 +705,33 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
             share: sharers,
         });
         self.guard(r)?;
-        Ok(OriginWrite::Copy(cow))
+        Ok(Step::Done(OriginWrite::Copy(cow)))
     }
 
     /// Prepares a write by snapshot `slot` to `chunk`.
-    pub fn snapshot_write(&mut self, chunk: u64, slot: usize) -> Result<SnapWrite> {
-        self.begin()?;
-        let src = self.lookup(chunk, slot, false);
+    pub fn snapshot_write(&mut self, chunk: u64, slot: usize) -> Result<Step<SnapWrite>> {
+        let Step::Done(()) = self.begin()? else {
+            return Ok(Step::CommitFirst);
+        };
+        let src = self.lookup(chunk, slot);
         let src = self.guard(src)?;
         let bit = 1u64 << slot;
         let mut share = 0;
         if let Source::Cow(c) = src {
-            self.exceptions_of(chunk, false, |e| {
+            self.exceptions_of(chunk, |e| {
                 if e.cow == c {
                     share = e.share;
                 }
             })?;
             if share == bit {
-                return Ok(SnapWrite::InPlace(c));
+                return Ok(Step::Done(SnapWrite::InPlace(c)));
             }
         }
         self.meta_room()?;
-        let to = match self.alloc(Area::Data) {
-            Ok(c) => c,
-            Err(Error::NoDataSpace) => {
-                self.invalidate_mask(bit);
-                return Err(Error::NoDataSpace);
-            }
-            Err(e) => return self.guard(Err(e)),
+        let r = self.alloc(Area::Data);
+        let Some(to) = self.guard(r)? else {
+            self.invalidate_mask(bit);
+            return Err(Error::NoDataSpace);
         };
         let r = (|| {
             if let Source::Cow(c) = src {
@@ -712,12 +744,14 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
             })
         })();
         self.guard(r)?;
-        Ok(SnapWrite::Copy { from: src, to })
+        Ok(Step::Done(SnapWrite::Copy { from: src, to }))
     }
 
     /// Creates snapshot `id` of the origin as it is now; returns its slot.
-    pub fn create_snapshot(&mut self, id: u32) -> Result<usize> {
-        self.begin()?;
+    pub fn create_snapshot(&mut self, id: u32) -> Result<Step<usize>> {
+        let Step::Done(()) = self.begin()? else {
+            return Ok(Step::CommitFirst);
+        };
         if self.sb.slot_of(id).is_some() {
             return Err(Error::DuplicateId);
         }
@@ -725,10 +759,11 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
             return Err(Error::TooManySnapshots);
         };
         let Some(next) = self.sb.next_seq.checked_add(1) else {
-            return Err(Error::Corrupt {
+            return Err(PdataError::Corrupt {
                 block: STATE_BLOCK,
                 what: "creation sequence number out of range",
-            });
+            }
+            .into());
         };
         self.sb.snaps[slot] = SnapSlot {
             id,
@@ -738,20 +773,22 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
         };
         self.sb.next_seq = next;
         self.sb_dirty = true;
-        Ok(slot)
+        Ok(Step::Done(slot))
     }
 
     /// Deletes snapshot `id`: it disappears at once; its exceptions are released by
     /// `delete_step`.
-    pub fn delete_snapshot(&mut self, id: u32) -> Result<()> {
-        self.begin()?;
+    pub fn delete_snapshot(&mut self, id: u32) -> Result<Step<()>> {
+        let Step::Done(()) = self.begin()? else {
+            return Ok(Step::CommitFirst);
+        };
         let Some(slot) = self.sb.slot_of(id) else {
             return Err(Error::NoSuchSnapshot);
         };
         self.sb.snaps[slot].flags = SNAP_DELETING;
         self.sb.delete_cursor = 0;
         self.sb_dirty = true;
-        Ok(())
+        Ok(Step::Done(()))
     }
 
     /// Whether deleted snapshots still have exceptions to release.
@@ -770,9 +807,8 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
             return Ok(false);
         }
         for _ in 0..max_leaves {
-            match self.begin() {
-                Err(Error::TxFull) => return Ok(true),
-                r => r?,
+            if let Step::CommitFirst = self.begin()? {
+                return Ok(true);
             }
             let r = self.delete_leaf(gone);
             match self.guard(r)? {
@@ -793,10 +829,10 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
         Ok(true)
     }
 
-    fn delete_leaf(&mut self, gone: u64) -> Result<DeleteLeaf> {
+    fn delete_leaf(&mut self, gone: u64) -> PdataResult<DeleteLeaf> {
         let cursor = self.sb.delete_cursor;
         let mut root = self.sb.root;
-        let path = btree::find_leaf(self, root, cursor, false)?;
+        let path = btree::find_leaf(self, root, cursor)?;
         let lslot = path.leaf.1;
         let mut i = btree::count(self.cache.data(lslot));
         while i > 0 {
@@ -836,16 +872,36 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
     }
 }
 
-impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> NodeStore for Store<D, M, S> {
-    fn node(&mut self, block: u64, level: u16, nonblocking: bool) -> Result<usize> {
-        let l = self.sb.layout;
-        if !l.is_meta(block) {
-            return Err(Error::Corrupt {
+/// The answer of a lookup run where it may block (never `Miss`).
+fn blocking<T>(r: Result<Cached<T>>) -> Result<T> {
+    match r? {
+        Cached::Hit(t) => Ok(t),
+        Cached::Miss => Err(PdataError::Bug("a blocking lookup missed the cache").into()),
+    }
+}
+
+impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
+    /// Checks a btree pointer before it is followed.
+    fn check_node_ptr(&self, block: u64) -> PdataResult<()> {
+        if !self.sb.layout.is_meta(block) {
+            return Err(PdataError::Corrupt {
                 block,
                 what: "btree pointer outside the metadata area",
             });
         }
-        let (slot, fresh) = self.cache.get(&mut self.io, block, nonblocking)?;
+        Ok(())
+    }
+
+    /// Validates node `block` in cache slot `slot`, expected at `level`: all of it when it
+    /// was just read (`fresh`; dropped from the cache if bad), else its level and type.
+    fn loaded_node(
+        &mut self,
+        slot: usize,
+        fresh: bool,
+        block: u64,
+        level: u16,
+    ) -> PdataResult<usize> {
+        let l = self.sb.layout;
         if fresh {
             let b = self.cache.data(slot);
             let r = check_header(
@@ -863,12 +919,28 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> NodeStore for Store<D
         } else if btree::level(self.cache.data(slot)) != level
             || format::header_type(self.cache.data(slot)) != btree::node_type(level).tag()
         {
-            return Err(Error::Corrupt {
+            return Err(PdataError::Corrupt {
                 block,
                 what: "btree node reached at the wrong level",
             });
         }
         Ok(slot)
+    }
+}
+
+impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> NodeStore for Store<D, M, S> {
+    fn node(&mut self, block: u64, level: u16) -> PdataResult<usize> {
+        self.check_node_ptr(block)?;
+        let (slot, fresh) = self.cache.get(&mut self.io, block)?;
+        self.loaded_node(slot, fresh, block, level)
+    }
+
+    fn cached_node(&mut self, block: u64, level: u16) -> PdataResult<Cached<usize>> {
+        self.check_node_ptr(block)?;
+        match self.cache.get_cached(block) {
+            Some(slot) => self.loaded_node(slot, false, block, level).map(Cached::Hit),
+            None => Ok(Cached::Miss),
+        }
     }
 
     fn nb(&self, slot: usize) -> &Block {
@@ -879,16 +951,16 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> NodeStore for Store<D
         self.cache.data_mut(slot)
     }
 
-    fn nb_mut2(&mut self, a: usize, b: usize) -> Result<(&mut Block, &mut Block)> {
+    fn nb_mut2(&mut self, a: usize, b: usize) -> PdataResult<(&mut Block, &mut Block)> {
         self.cache.data_mut2(a, b)
     }
 
-    fn alloc_node(&mut self, level: u16) -> Result<(u64, usize)> {
-        let i = self.alloc(Area::Meta)?;
+    fn alloc_node(&mut self, level: u16) -> PdataResult<(u64, usize)> {
+        let i = self.alloc(Area::Meta)?.ok_or(PdataError::NoSpace)?;
         let blk = self.sb.layout.meta_start + i;
         if self.cache.contains(blk) {
             // A block the operation holds cannot be free: the bitmap is wrong.
-            return Err(Error::Corrupt {
+            return Err(PdataError::Corrupt {
                 block: blk,
                 what: "metadata bitmap marks a block in use as free",
             });
@@ -900,9 +972,9 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> NodeStore for Store<D
         Ok((blk, slot))
     }
 
-    fn free_node(&mut self, block: u64) -> Result<()> {
+    fn free_node(&mut self, block: u64) -> PdataResult<()> {
         let Some(i) = block.checked_sub(self.sb.layout.meta_start) else {
-            return Err(Error::Corrupt {
+            return Err(PdataError::Corrupt {
                 block,
                 what: "freeing a block outside the metadata area",
             });

@@ -4,7 +4,7 @@
 use super::exceptions::Root;
 use super::format::*;
 // JournalHeader: for the tools (the kernel target does not use it).
-#[allow(unused_imports)]
+#[cfg_attr(not(feature = "std"), expect(unused_imports, reason = "for the tools"))]
 pub use crate::pdata::journal::JournalHeader;
 use crate::pdata::journal::Region;
 pub use crate::pdata::journal::MAX_TX_BLOCKS;
@@ -140,7 +140,7 @@ impl Layout {
 
     /// Checks that the regions are sane, in order, and fit a device of `dev_blocks`.
     pub fn validate(&self, dev_blocks: u64) -> Result<()> {
-        let bad = |w| Err(Error::Corrupt { block: 0, what: w });
+        let bad = |w| Err(PdataError::Corrupt { block: 0, what: w }.into());
         if !self.chunk_sectors.is_power_of_two() || !(8..=2048).contains(&self.chunk_sectors) {
             return bad("chunk size out of range");
         }
@@ -176,7 +176,7 @@ impl Layout {
             return bad("data bitmap size");
         }
         let cb = self.chunk_blocks();
-        if self.data_start < m_end || self.data_start % cb != 0 {
+        if self.data_start < m_end || !self.data_start.is_multiple_of(cb) {
             return bad("data area start");
         }
         match self
@@ -349,6 +349,7 @@ impl Super {
 
     /// Decodes and validates the superblock (`nr` 0) or the state block read from a device
     /// of `dev_blocks`.
+    #[cfg_attr(not(feature = "std"), expect(dead_code, reason = "for the tools"))]
     pub fn decode(io: &impl BlockIo, b: &Block, nr: u64, dev_blocks: u64) -> Result<Super> {
         let mut sb = Super::empty();
         Self::decode_into(io, b, nr, dev_blocks, &mut sb)?;
@@ -425,7 +426,7 @@ impl Super {
         sb.delete_cursor = get64(b, SB_DELETE_CURSOR);
         sb.next_seq = get64(b, SB_NEXT_SEQ);
         sb.alloc_hint = [get64(b, SB_ALLOC_HINT), get64(b, SB_ALLOC_HINT + 8)];
-        let bad = |w| Err(Error::Corrupt { block: nr, what: w });
+        let bad = |w| Err(PdataError::Corrupt { block: nr, what: w }.into());
         if sb.meta_used > layout.meta_blocks || sb.data_used > layout.data_chunks {
             return bad("space counters exceed the areas");
         }

@@ -1,6 +1,6 @@
 //! On-disk primitives shared by every metadata block: the block header, little-endian field
-//! access, checksums, the block I/O trait and the error type.  See Documentation/format.md
-//! for the layout.
+//! access, checksums, the block I/O trait and the persistent-data error type.  See
+//! Documentation/format.md for the layout.
 
 use core::fmt;
 
@@ -43,14 +43,18 @@ impl BlockType {
     }
 }
 
-/// Everything that can go wrong in the store.
+/// What the persistent-data layer can fail with.  The conditions of the layers above (an
+/// area is full, no such snapshot, ...) are theirs, and outcomes that are not failures (the
+/// transaction must be committed first, a block is not cached) are return values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Error {
-    /// The device failed a read, write or flush of this block (u64::MAX: a flush).
+    /// The device failed a read or write of this block.
     Io {
-        /// Block number.
+        /// Block number (the first of a multi-block write).
         block: u64,
     },
+    /// The device failed a flush (of its write cache: no block to name).
+    Flush,
     /// A metadata block failed validation.
     Corrupt {
         /// Block number.
@@ -58,60 +62,30 @@ pub enum Error {
         /// What is wrong.
         what: &'static str,
     },
-    /// The device does not hold a store this code can open.
-    NotAStore(&'static str),
-    /// No free chunk is left in the COW data area.
-    NoDataSpace,
-    /// No free block is left in the metadata area.
-    NoMetaSpace,
-    /// All 64 snapshot slots are in use.
-    TooManySnapshots,
-    /// A snapshot with this id exists already.
-    DuplicateId,
-    /// No live snapshot has this id.
-    NoSuchSnapshot,
-    /// The snapshot was invalidated (its copy could not be kept).
-    SnapshotInvalid,
-    /// The current transaction is full: commit, then retry.
-    TxFull,
-    /// A block needed is not cached and the caller asked not to block.
-    WouldBlock,
-    /// Every cache slot is dirty or in use.
+    /// Every cache slot is dirty or held by the operation in progress.
     CacheFull,
-    /// A bad argument.
-    Invalid(&'static str),
-    /// The store was opened read-only: nothing may be written.
-    ReadOnly,
-    /// The journal holds committed transactions that a read-only open cannot apply.
-    NeedsReplay,
+    /// No room for a new btree node: no free block, or the tree is at its deepest.
+    NoSpace,
+    /// An invariant of this code does not hold: a bug.
+    Bug(&'static str),
 }
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
-            Error::Io { block } if block == u64::MAX => write!(f, "I/O error on flush"),
             Error::Io { block } => write!(f, "I/O error on metadata block {}", block),
+            Error::Flush => write!(f, "I/O error on flush"),
             Error::Corrupt { block, what } => {
                 write!(f, "metadata block {} corrupt: {}", block, what)
             }
-            Error::NotAStore(what) => write!(f, "not a shared-snapshot store: {}", what),
-            Error::NoDataSpace => write!(f, "COW device full"),
-            Error::NoMetaSpace => write!(f, "metadata area full"),
-            Error::TooManySnapshots => write!(f, "too many snapshots (64 at most)"),
-            Error::DuplicateId => write!(f, "snapshot id already exists"),
-            Error::NoSuchSnapshot => write!(f, "no such snapshot"),
-            Error::SnapshotInvalid => write!(f, "snapshot is invalid"),
-            Error::TxFull => write!(f, "transaction full"),
-            Error::WouldBlock => write!(f, "metadata not cached"),
             Error::CacheFull => write!(f, "metadata cache full"),
-            Error::Invalid(what) => write!(f, "invalid argument: {}", what),
-            Error::ReadOnly => write!(f, "store opened read-only"),
-            Error::NeedsReplay => write!(f, "journal needs replay; activate read-write once"),
+            Error::NoSpace => write!(f, "metadata area full"),
+            Error::Bug(what) => write!(f, "internal error: {}", what),
         }
     }
 }
 
-/// Result of store operations.
+/// Result of persistent-data operations.
 pub type Result<T> = core::result::Result<T, Error>;
 
 /// Block I/O and checksums, supplied by the caller (kernel: dm-io and crc32c(); userspace:
@@ -192,6 +166,7 @@ const H_TYPE: usize = 4;
 const H_BLOCKNR: usize = 8;
 const H_STORE_ID: usize = 16;
 /// Offset of the type-specific header word.
+#[cfg_attr(not(feature = "std"), expect(dead_code, reason = "for the tools"))]
 pub const H_AUX: usize = 24;
 
 /// Fills in a block's header fields (not the checksum).

@@ -8,6 +8,7 @@
 use super::block::{
     get16, get64, put16, put64, Block, BlockType, Error, Result, BLOCK_SIZE, HEADER_SIZE,
 };
+use super::cache::Cached;
 
 /// Deepest btree accepted (root at level `depth - 1`, leaves at level 0).
 pub const MAX_DEPTH: usize = 10;
@@ -86,7 +87,9 @@ pub struct Root {
 /// Access to btree nodes, implemented by the store (cache + allocator).
 pub trait NodeStore {
     /// Loads (and on first read validates) node `block` expected at `level`; returns its slot.
-    fn node(&mut self, block: u64, level: u16, nonblocking: bool) -> Result<usize>;
+    fn node(&mut self, block: u64, level: u16) -> Result<usize>;
+    /// As `node`, without reading from disk: `Miss` if the node is not loaded.
+    fn cached_node(&mut self, block: u64, level: u16) -> Result<Cached<usize>>;
     /// A loaded node.
     fn nb(&self, slot: usize) -> &Block;
     /// A loaded node, for modification.
@@ -296,12 +299,29 @@ pub struct Path {
 }
 
 /// Descends to the leaf covering `key`.
-pub fn find_leaf<V: Value>(
+pub fn find_leaf<V: Value>(ns: &mut impl NodeStore, root: Root, key: u64) -> Result<Path> {
+    match descend::<V>(ns, root, key, false)? {
+        Cached::Hit(path) => Ok(path),
+        Cached::Miss => Err(Error::Bug("a blocking btree descent missed the cache")),
+    }
+}
+
+/// As `find_leaf`, without reading from disk: `Miss` if a node on the way is not loaded.
+pub fn find_cached_leaf<V: Value>(
     ns: &mut impl NodeStore,
     root: Root,
     key: u64,
-    nonblocking: bool,
-) -> Result<Path> {
+) -> Result<Cached<Path>> {
+    descend::<V>(ns, root, key, true)
+}
+
+/// `find_leaf`; `cached_only`: load nodes with `cached_node`.
+fn descend<V: Value>(
+    ns: &mut impl NodeStore,
+    root: Root,
+    key: u64,
+    cached_only: bool,
+) -> Result<Cached<Path>> {
     if root.depth == 0 || root.depth as usize > MAX_DEPTH {
         return Err(Error::Corrupt {
             block: root.block,
@@ -320,10 +340,17 @@ pub fn find_leaf<V: Value>(
     // with keys outside it was forged or misplaced, and a lookup there would miss entries.
     let mut lo = 0u64;
     loop {
-        let slot = ns.node(blk, lvl, nonblocking)?;
+        let slot = if cached_only {
+            match ns.cached_node(blk, lvl)? {
+                Cached::Hit(slot) => slot,
+                Cached::Miss => return Ok(Cached::Miss),
+            }
+        } else {
+            ns.node(blk, lvl)?
+        };
         let b = ns.nb(slot);
         let n = count(b);
-        let in_range = |k: u64| k >= lo && path.upper.map_or(true, |h| k < h);
+        let in_range = |k: u64| k >= lo && path.upper.is_none_or(|h| k < h);
         let (first, last) = match (lvl, n) {
             (_, 0) => (lo, lo),
             (0, _) => (leaf_key::<V>(b, 0), leaf_key::<V>(b, n - 1)),
@@ -338,7 +365,7 @@ pub fn find_leaf<V: Value>(
         }
         if lvl == 0 {
             path.leaf = (blk, slot);
-            return Ok(path);
+            return Ok(Cached::Hit(path));
         }
         let i = child_index(b, key);
         if i + 1 < n {
@@ -358,9 +385,9 @@ pub fn find_leaf<V: Value>(
 /// Inserts an entry (the caller guarantees (key, sub key) is not present).
 pub fn insert<V: Value>(ns: &mut impl NodeStore, root: &mut Root, key: u64, v: V) -> Result<()> {
     if ns.meta_free() < root.depth as u64 + 2 {
-        return Err(Error::NoMetaSpace);
+        return Err(Error::NoSpace);
     }
-    let mut path = find_leaf::<V>(ns, *root, key, false)?;
+    let mut path = find_leaf::<V>(ns, *root, key)?;
     let (_, lslot) = path.leaf;
     let n = count(ns.nb(lslot));
     if n < leaf_cap::<V>() {
@@ -453,7 +480,7 @@ fn insert_parent(
     }
     // The root split: grow the tree by one level.
     if root.depth as usize >= MAX_DEPTH {
-        return Err(Error::NoMetaSpace);
+        return Err(Error::NoSpace);
     }
     let (nblk, nslot) = ns.alloc_node(root.depth as u16)?;
     let b = ns.nb_mut(nslot);
@@ -484,7 +511,7 @@ pub fn remove_at<V: Value>(
     let b = ns.nb_mut(lslot);
     let n = count(b);
     if idx >= n {
-        return Err(Error::Invalid("leaf index"));
+        return Err(Error::Bug("leaf index out of range"));
     }
     let es = leaf_entry_size::<V>();
     let o = leaf_off::<V>(idx);
@@ -536,7 +563,7 @@ pub fn prune(ns: &mut impl NodeStore, root: &mut Root, path: &Path) -> Result<()
     }
     // Shrink a root with one child.
     while root.depth > 1 {
-        let slot = ns.node(root.block, (root.depth - 1) as u16, false)?;
+        let slot = ns.node(root.block, (root.depth - 1) as u16)?;
         let b = ns.nb(slot);
         if count(b) != 1 {
             break;
@@ -620,7 +647,10 @@ mod tests {
     }
 
     impl NodeStore for Mem {
-        fn node(&mut self, block: u64, level: u16, _: bool) -> Result<usize> {
+        fn cached_node(&mut self, block: u64, level: u16) -> Result<Cached<usize>> {
+            self.node(block, level).map(Cached::Hit)
+        }
+        fn node(&mut self, block: u64, level: u16) -> Result<usize> {
             let b = &self.nodes[block as usize];
             assert!(!self.free[block as usize], "freed node {} reached", block);
             validate_node::<Toy>(b, block, level, |c| (c as usize) < self.nodes.len(), &())?;
@@ -658,7 +688,7 @@ mod tests {
 
     /// The values of `key`, in order.
     fn lookup(m: &mut Mem, root: Root, key: u64) -> Vec<u32> {
-        let p = find_leaf::<Toy>(m, root, key, false).unwrap();
+        let p = find_leaf::<Toy>(m, root, key).unwrap();
         let b = m.nb(p.leaf.1);
         let (s, e) = key_range::<Toy>(b, key);
         (s..e).map(|i| leaf_value::<Toy>(b, i).0).collect()
@@ -692,7 +722,7 @@ mod tests {
         // A walk of the leaves in key order sees every key once, in order.
         let (mut key, mut seen) = (0u64, 0u64);
         loop {
-            let p = find_leaf::<Toy>(&mut m, root, key, false).unwrap();
+            let p = find_leaf::<Toy>(&mut m, root, key).unwrap();
             let b = m.nb(p.leaf.1);
             for i in 0..count(b) {
                 assert_eq!(leaf_key::<Toy>(b, i), seen * 10);
@@ -716,9 +746,9 @@ mod tests {
         // Key 420 had value 43; the others sort in by value.
         assert_eq!(lookup(&mut m, root, 420), [5, 43, 70, 900_000]);
         // One more than validate_same_key allows makes the leaf unreadable.
-        let p = find_leaf::<Toy>(&mut m, root, 420, false).unwrap();
+        let p = find_leaf::<Toy>(&mut m, root, 420).unwrap();
         insert(&mut m, &mut root, 420, Toy(6)).unwrap();
-        let r = m.node(p.leaf.0, 0, false);
+        let r = m.node(p.leaf.0, 0);
         assert!(
             matches!(
                 r,
@@ -740,7 +770,7 @@ mod tests {
         assert!(root.depth >= 2);
         for i in 0..n {
             let k = ((i * 31) % n) * 10;
-            let p = find_leaf::<Toy>(&mut m, root, k, false).unwrap();
+            let p = find_leaf::<Toy>(&mut m, root, k).unwrap();
             let (s, e) = key_range::<Toy>(m.nb(p.leaf.1), k);
             assert_eq!(e - s, 1, "key {} present once", k);
             remove_at::<Toy>(&mut m, &mut root, &p, s).unwrap();

@@ -7,6 +7,26 @@ use super::block::{Block, BlockIo, Error, Result};
 
 const NONE: u32 = u32::MAX;
 
+/// The answer of a lookup that must not read from disk (it runs where blocking is not
+/// allowed).  Not a failure: the caller asks again where it may block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cached<T> {
+    /// Everything the answer needed was cached.
+    Hit(T),
+    /// A block the answer needs is not cached.
+    Miss,
+}
+
+impl<T> Cached<T> {
+    /// The answer `f` makes of a hit.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Cached<U> {
+        match self {
+            Cached::Hit(t) => Cached::Hit(f(t)),
+            Cached::Miss => Cached::Miss,
+        }
+    }
+}
+
 /// Bookkeeping of one cache slot (the block data lives in a separate, page-aligned array so
 /// that it can be handed to DMA).
 #[derive(Clone, Copy)]
@@ -107,7 +127,7 @@ impl<M: CacheMem> Cache<M> {
             || p.blocks.len() != n + SCRATCH_BLOCKS
             || p.pending.len() < 1024
         {
-            return Err(Error::Invalid(
+            return Err(Error::Bug(
                 "cache memory: need >= 32 slots, a block each plus scratch, power-of-two buckets",
             ));
         }
@@ -231,18 +251,9 @@ impl<M: CacheMem> Cache<M> {
 
     /// Returns the slot holding `block`, reading it if needed.  The bool is true when the
     /// block was just read from disk: the caller must validate it (and `discard` on failure).
-    pub fn get(
-        &mut self,
-        io: &mut impl BlockIo,
-        block: u64,
-        nonblocking: bool,
-    ) -> Result<(usize, bool)> {
-        if let Some(i) = self.find(block) {
-            self.touch(i);
+    pub fn get(&mut self, io: &mut impl BlockIo, block: u64) -> Result<(usize, bool)> {
+        if let Some(i) = self.get_cached(block) {
             return Ok((i, false));
-        }
-        if nonblocking {
-            return Err(Error::WouldBlock);
         }
         let i = self.victim(io)?;
         io.read_block(block, &mut self.mem.parts().blocks[i])?;
@@ -251,7 +262,14 @@ impl<M: CacheMem> Cache<M> {
         Ok((i, true))
     }
 
-    /// As `get` (blocking), without protecting the block from eviction by the operation in
+    /// As `get`, without reading: the slot holding `block`, if it is cached.
+    pub fn get_cached(&mut self, block: u64) -> Option<usize> {
+        let i = self.find(block)?;
+        self.touch(i);
+        Some(i)
+    }
+
+    /// As `get`, without protecting the block from eviction by the operation in
     /// progress (a block it already protects stays protected): for scans that look at many
     /// blocks and keep none.  The slot index is valid only until the next cache call.
     pub fn get_unpinned(&mut self, io: &mut impl BlockIo, block: u64) -> Result<(usize, bool)> {
@@ -352,6 +370,7 @@ impl<M: CacheMem> Cache<M> {
     }
 
     /// Calls `f` with the slot index of every dirty block, in slot order.
+    #[cfg_attr(not(feature = "std"), expect(dead_code, reason = "for the tools"))]
     pub fn for_each_dirty(
         &mut self,
         mut f: impl FnMut(&mut Self, usize) -> Result<()>,
@@ -365,6 +384,7 @@ impl<M: CacheMem> Cache<M> {
     }
 
     /// Mutable access to a dirty slot's data without changing its state (sealing).
+    #[cfg_attr(not(feature = "std"), expect(dead_code, reason = "for the tools"))]
     pub fn raw_mut(&mut self, idx: usize) -> &mut Block {
         &mut self.mem.parts().blocks[idx]
     }
@@ -428,6 +448,7 @@ impl<M: CacheMem> Cache<M> {
     }
 
     /// The staging area for one journal transaction.
+    #[cfg_attr(not(feature = "std"), expect(dead_code, reason = "for the tools"))]
     pub fn staging(&mut self) -> &mut [Block] {
         let n = self.capacity();
         &mut self.mem.parts().blocks[n + 2..]
@@ -435,6 +456,7 @@ impl<M: CacheMem> Cache<M> {
 
     /// Forgets everything, dirty blocks included (after a failed commit the in-memory state
     /// is no longer trusted).
+    #[cfg_attr(not(feature = "std"), expect(dead_code, reason = "for the tools"))]
     pub fn reset(&mut self) {
         for b in self.mem.parts().buckets.iter_mut() {
             *b = NONE;

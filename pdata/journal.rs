@@ -186,19 +186,17 @@ pub fn commit<M: CacheMem>(
         return Ok(());
     }
     if n > MAX_TX_BLOCKS {
-        return Err(Error::Invalid(
-            "transaction larger than the journal descriptor",
-        ));
+        return Err(Error::Bug("transaction larger than the journal descriptor"));
     }
     let used = j.off.checked_sub(j.tail).filter(|&u| u <= j.size);
     let (Some(used), Some(next_off), Some(next_seq)) =
         (used, j.off.checked_add(n as u64 + 1), j.seq.checked_add(1))
     else {
-        return Err(Error::Invalid("journal position out of range"));
+        return Err(Error::Bug("journal position out of range"));
     };
     if j.size - used < n as u64 + 1 {
         // Every commit leaves room for the largest transaction (below).
-        return Err(Error::Invalid("journal full"));
+        return Err(Error::Bug("journal full"));
     }
     let (blocks, slots, staging) = cache.commit_view();
     let dloc = j.loc(j.off);
@@ -214,7 +212,7 @@ pub fn commit<M: CacheMem>(
             continue;
         }
         if i == n {
-            return Err(Error::Invalid("dirty count mismatch"));
+            return Err(Error::Bug("dirty count mismatch"));
         }
         seal(io, b);
         DescEntry {
@@ -270,6 +268,11 @@ enum TxCheck {
     Valid(u32),
 }
 
+#[expect(
+    clippy::too_many_arguments,
+    reason = "replay's state (journal, what may go home, store id) and scratch blocks, as the \
+              other replay steps take them, plus the position checked"
+)]
 fn check_tx(
     io: &mut impl BlockIo,
     j: &Journal,
@@ -345,7 +348,7 @@ fn read_header(
     for nr in HEADER_BLOCKS {
         io.read_block(nr, d)?;
         if let Ok(h) = JournalHeader::decode(io, d, nr, store_id) {
-            if best.map_or(true, |(b, _)| (h.seq, h.off) > (b.seq, b.off)) {
+            if best.is_none_or(|(b, _)| (h.seq, h.off) > (b.seq, b.off)) {
                 best = Some((h, nr));
             }
         }

@@ -59,7 +59,7 @@ impl SpaceMap {
     ) -> Result<usize> {
         let blk = self.bitmap_start + i / BITS_PER_BITMAP;
         let (slot, fresh) = if pin {
-            cache.get(io, blk, false)?
+            cache.get(io, blk)?
         } else {
             cache.get_unpinned(io, blk)?
         };
@@ -108,7 +108,7 @@ impl SpaceMap {
             let mut bit = bit0;
             let mut found = None;
             while bit < end {
-                if bit % 64 == 0 && bit + 64 <= end {
+                if bit.is_multiple_of(64) && bit + 64 <= end {
                     let o = HEADER_SIZE + (bit / 8) as usize;
                     if get64(cache.data(slot), o) == u64::MAX {
                         bit += 64;
@@ -146,14 +146,14 @@ impl SpaceMap {
         i: u64,
     ) -> Result<()> {
         if i >= self.size {
-            return Err(Error::Corrupt {
-                block: 0,
-                what: "freeing a block outside its area",
-            });
+            // Pointers are validated against their area when read.
+            return Err(Error::Bug("freeing an entry outside its area"));
         }
         if self.deferred.is_some() && self.pending() >= PENDING_MAX {
-            // (Before anything changes: callers keep within PENDING_MAX.)
-            return Err(Error::TxFull);
+            // Callers commit before PENDING_MAX (before anything changes here).
+            return Err(Error::Bug(
+                "more deferred frees than one transaction may hold",
+            ));
         }
         let slot = self.bitmap_block(io, cache, i, true)?;
         let (byte, m) = bit_pos(i);
@@ -263,8 +263,9 @@ mod tests {
             "{:?}",
             r
         );
+        // Pointers are validated when read: one out of its area reaching `free` is a bug.
         let r = sm.free(&mut dev, &mut cache, 100);
-        assert!(matches!(r, Err(Error::Corrupt { .. })), "{:?}", r);
+        assert!(matches!(r, Err(Error::Bug(_))), "{:?}", r);
     }
 
     #[test]
@@ -312,7 +313,10 @@ mod tests {
         assert_eq!(alloc(&mut dev, &mut cache, &mut sm), Some(4));
         sm.deferred = Some(PENDING_MAX);
         cache.begin_op();
-        assert_eq!(sm.free(&mut dev, &mut cache, 5), Err(Error::TxFull));
+        assert!(matches!(
+            sm.free(&mut dev, &mut cache, 5),
+            Err(Error::Bug(_))
+        ));
     }
 
     #[test]

@@ -11,7 +11,8 @@ use super::parse_u32;
 use super::shared::{KStore, Shared};
 use super::DevT;
 use crate::dm::Output;
-use crate::exception_store::format::{Error as StoreError, MAX_SNAPSHOTS};
+use crate::exception_store::format::{Error as StoreError, PdataError, MAX_SNAPSHOTS};
+use crate::exception_store::Step;
 
 impl Origin {
     /// Handles a message to the origin (`dmsetup message <origin> 0 ...`).
@@ -97,7 +98,7 @@ impl Origin {
 
 impl Shared {
     pub(super) fn create(&self, store: &mut KStore, id: u32) -> Result {
-        match commit_op(store, |s| s.create_snapshot(id).map(|_| ())) {
+        match commit_op(store, |s| s.create_snapshot(id).map(|r| r.map(|_| ()))) {
             Ok(()) => {
                 pr_info!("{}: created snapshot {}\n", DevT(self.key.origin), id);
                 Ok(())
@@ -152,11 +153,14 @@ impl Shared {
 /// transaction is full), for messages that must be durable before they answer.
 fn commit_op(
     store: &mut KStore,
-    mut op: impl FnMut(&mut KStore) -> core::result::Result<(), StoreError>,
+    mut op: impl FnMut(&mut KStore) -> core::result::Result<Step<()>, StoreError>,
 ) -> core::result::Result<(), StoreError> {
-    match op(store) {
-        Err(StoreError::TxFull) => store.commit().and_then(|_| op(store)),
-        r => r,
-    }?;
+    if let Step::CommitFirst = op(store)? {
+        store.commit()?;
+        if let Step::CommitFirst = op(store)? {
+            // An empty transaction has room for any operation.
+            return Err(PdataError::Bug("transaction full right after a commit").into());
+        }
+    }
     store.commit()
 }

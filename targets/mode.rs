@@ -144,6 +144,6 @@ impl Shared {
         let live = s.sb().live_mask();
         s.invalidate(live)?;
         s.commit()?;
-        KBox::new(s, GFP_NOWAIT | __GFP_NOWARN).map_err(|_| StoreError::Invalid("out of memory"))
+        KBox::new(s, GFP_NOWAIT | __GFP_NOWARN).map_err(|_| StoreError::NoMemory)
     }
 }

@@ -16,6 +16,7 @@ use crate::dm::{
     StatusType, Target, TargetOps, TryMutex, Worker,
 };
 use crate::exception_store::format::MAX_SNAPSHOTS;
+use crate::exception_store::Cached;
 
 /// The `shared-origin` target.  (The issue asked for `shared-snapshot-origin`, but target
 /// type names travel in the 16-byte `dm_target_spec.target_type` of the dm ioctl ABI, so
@@ -241,7 +242,9 @@ impl TargetOps for Origin {
                     let unshared_end = match (st.mode, st.store.as_mut()) {
                         (mode, Some(s)) if !mode.is_failed() => {
                             let mut c = chunk;
-                            while c << sh.chunk_shift < end && s.origin_sharers(c, true) == Ok(0) {
+                            while c << sh.chunk_shift < end
+                                && s.origin_sharers_cached(c) == Ok(Cached::Hit(0))
+                            {
                                 c += 1;
                             }
                             end.min(c << sh.chunk_shift)

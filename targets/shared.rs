@@ -164,7 +164,7 @@ impl Shared {
             };
             if let Err(e) = exception_store::format(io, &p, block) {
                 pr_err!("{}: formatting the COW device: {}\n", cow.name(), e);
-                let (m, e) = open_error(e);
+                let (m, e) = open_error(&e);
                 return Err(fail(t, m, e));
             }
             pr_info!(
@@ -221,7 +221,7 @@ impl Shared {
             }
             Err(e) => {
                 pr_err!("{}: cannot open exception store: {}\n", cow.name(), e);
-                let (m, e) = open_error(e);
+                let (m, e) = open_error(&e);
                 Err(fail(t, m, e))
             }
         }

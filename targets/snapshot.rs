@@ -14,7 +14,7 @@ use crate::dm::{
     BioKind, BioRef, CtrTarget, Device, MapBio, MapResult, Output, StatusType, Target, TargetOps,
 };
 use crate::exception_store::format::Error as StoreError;
-use crate::exception_store::Source;
+use crate::exception_store::{Cached, Source};
 
 /// The `shared-snapshot` target.  It opens the origin and COW devices itself (as
 /// dm-snapshot's snapshot does), so that its bios never depend on the origin table's
@@ -129,17 +129,19 @@ impl TargetOps for Snapshot {
             }
             if let Some(s) = st.store.as_mut() {
                 let fast = if kind == BioKind::Read {
-                    match s.lookup(chunk, self.slot, true) {
-                        Ok(src) => Some(src),
+                    match s.lookup_cached(chunk, self.slot) {
+                        Ok(Cached::Hit(src)) => Some(src),
                         Err(StoreError::SnapshotInvalid) | Err(StoreError::NoSuchSnapshot) => {
                             return MapResult::Kill
                         }
-                        Err(_) => None,
+                        Ok(Cached::Miss) | Err(_) => None,
                     }
                 } else {
                     // Only a chunk this snapshot owns alone can be written without the worker.
-                    match s.owned_alone(chunk, self.slot, true) {
-                        Ok(own) if !s.sb().snaps[self.slot].is_invalid() => own.map(Source::Cow),
+                    match s.owned_alone_cached(chunk, self.slot) {
+                        Ok(Cached::Hit(own)) if !s.sb().snaps[self.slot].is_invalid() => {
+                            own.map(Source::Cow)
+                        }
                         _ => None,
                     }
                 };

@@ -11,7 +11,7 @@ use super::shared::{Attached, Shared, State};
 use super::DevT;
 use crate::dm::{self, Bio, BioKind, Device, WorkHandler, Worker};
 use crate::exception_store::format::Error as StoreError;
-use crate::exception_store::{OriginWrite, SnapWrite, Source};
+use crate::exception_store::{OriginWrite, SnapWrite, Source, Step};
 
 /// Bios handled per worker batch (one journal commit).
 const BATCH: usize = 32;
@@ -105,20 +105,20 @@ impl<'a> Batch<'a> {
                 // An origin write deferred only because `map` found the lock taken, to a
                 // chunk no snapshot needs copied: it goes now, as `map` would have sent it,
                 // instead of taking a place in the batch and waiting for its commit.
-                Ok(Action::OriginWrite(None)) if st.mode == Mode::Write => {
+                Step::Done(Action::OriginWrite(None)) if st.mode == Mode::Write => {
                     st.stats.passed += 1;
                     sh.submit_origin_write(&self.at, bio, off);
                 }
-                Ok(action) => {
+                Step::Done(action) => {
                     self.items[self.n] = Some(Item { bio, off, action });
                     self.n += 1;
                 }
-                Err(_) if self.n > 0 => {
+                Step::CommitFirst if self.n > 0 => {
                     // Transaction full: finish this batch first.
                     sh.worker.push_front(bio);
                     break;
                 }
-                Err(_) => {
+                Step::CommitFirst => {
                     sh.worker.push_front(bio);
                     if let Some(s) = st.store.as_mut() {
                         if let Err(e) = s.commit() {
@@ -210,11 +210,7 @@ impl<'a> Batch<'a> {
         st.stats.batches += 1;
         st.stats.bios += n as u64;
         if copied.is_err() {
-            sh.give_up(
-                st,
-                "copy to the COW device failed",
-                StoreError::Io { block: u64::MAX },
-            );
+            sh.give_up(st, "copy to the COW device failed", StoreError::DataCopy);
         }
     }
 
@@ -281,68 +277,63 @@ impl<'a> Batch<'a> {
 }
 
 impl Shared {
-    fn plan(
-        &self,
-        st: &mut State,
-        bio: &Bio,
-        off: u64,
-    ) -> core::result::Result<Action, StoreError> {
+    fn plan(&self, st: &mut State, bio: &Bio, off: u64) -> Step<Action> {
         let ctx = BioCtx::from_tag(bio.tag());
         let chunk = self.chunk_of(off);
         let snap = ctx.snap_slot.is_some();
         if st.mode.is_failed() || st.store.is_none() {
-            return Ok(if snap {
+            return Step::Done(if snap {
                 Action::Fail(EIO)
             } else {
                 Action::OriginWrite(None)
             });
         }
         let Some(store) = st.store.as_mut() else {
-            return Ok(Action::Fail(EIO));
+            return Step::Done(Action::Fail(EIO));
         };
         if !snap {
             return match store.origin_write(chunk) {
-                Ok(OriginWrite::NoCopy) => Ok(Action::OriginWrite(None)),
-                Ok(OriginWrite::Copy(c)) => Ok(Action::OriginWrite(Some(c))),
-                Ok(OriginWrite::Invalidated(mask)) => {
+                Ok(Step::Done(OriginWrite::NoCopy)) => Step::Done(Action::OriginWrite(None)),
+                Ok(Step::Done(OriginWrite::Copy(c))) => Step::Done(Action::OriginWrite(Some(c))),
+                Ok(Step::Done(OriginWrite::Invalidated(mask))) => {
                     pr_err!(
                         "{}: COW device full: invalidated snapshot slots {:#x}\n",
                         DevT(self.key.cow),
                         mask
                     );
                     self.set_mode(st, Mode::InvalidationPending);
-                    Ok(Action::OriginWrite(None))
+                    Step::Done(Action::OriginWrite(None))
                 }
-                Err(StoreError::TxFull) => Err(StoreError::TxFull),
+                Ok(Step::CommitFirst) => Step::CommitFirst,
                 Err(e) => {
                     self.give_up(st, "metadata error on origin write", e);
-                    Ok(Action::OriginWrite(None))
+                    Step::Done(Action::OriginWrite(None))
                 }
             };
         }
         let slot = ctx.slot();
         if bio.kind() == BioKind::Read {
-            return match store.lookup(chunk, slot, false) {
-                Ok(src) => Ok(Action::SnapRead(src)),
+            return Step::Done(match store.lookup(chunk, slot) {
+                Ok(src) => Action::SnapRead(src),
                 Err(StoreError::SnapshotInvalid) | Err(StoreError::NoSuchSnapshot) => {
-                    Ok(Action::Fail(EIO))
+                    Action::Fail(EIO)
                 }
                 Err(e) => {
                     self.give_up(st, "metadata error on snapshot read", e);
-                    Ok(Action::Fail(EIO))
+                    Action::Fail(EIO)
                 }
-            };
+            });
         }
-        match store.snapshot_write(chunk, slot) {
-            Ok(SnapWrite::InPlace(c)) => Ok(Action::SnapWrite { dst: c, from: None }),
+        Step::Done(match store.snapshot_write(chunk, slot) {
+            Ok(Step::Done(SnapWrite::InPlace(c))) => Action::SnapWrite { dst: c, from: None },
             // The chunk is copied even when the bio covers all of it: the commit that maps
             // the new chunk is durable before the bio's data is, and a power cut between
             // the two must show the snapshot's old data there, not the chunk's last use.
-            Ok(SnapWrite::Copy { from, to }) => Ok(Action::SnapWrite {
+            Ok(Step::Done(SnapWrite::Copy { from, to })) => Action::SnapWrite {
                 dst: to,
                 from: Some(from),
-            }),
-            Err(StoreError::TxFull) => Err(StoreError::TxFull),
+            },
+            Ok(Step::CommitFirst) => return Step::CommitFirst,
             Err(StoreError::NoDataSpace) => {
                 pr_err!(
                     "{}: COW device full: snapshot slot {} invalidated\n",
@@ -350,16 +341,14 @@ impl Shared {
                     slot
                 );
                 self.set_mode(st, Mode::InvalidationPending);
-                Ok(Action::Fail(EIO))
+                Action::Fail(EIO)
             }
-            Err(StoreError::SnapshotInvalid) | Err(StoreError::NoSuchSnapshot) => {
-                Ok(Action::Fail(EIO))
-            }
+            Err(StoreError::SnapshotInvalid) | Err(StoreError::NoSuchSnapshot) => Action::Fail(EIO),
             Err(e) => {
                 self.give_up(st, "metadata error on snapshot write", e);
-                Ok(Action::Fail(EIO))
+                Action::Fail(EIO)
             }
-        }
+        })
     }
 
     /// Sends an origin write to the origin device.

@@ -5,9 +5,11 @@
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use shsnap_core::check;
-use shsnap_core::exception_store::format::{Block, BlockIo, Error, BLOCK_SIZE};
+use shsnap_core::exception_store::format::{Block, BlockIo, Error, PdataError, BLOCK_SIZE};
 use shsnap_core::exception_store::superblock::Super;
-use shsnap_core::exception_store::{format, FormatParams, OriginWrite, SnapWrite, Source, Store};
+use shsnap_core::exception_store::{
+    format, FormatParams, OriginWrite, SnapWrite, Source, Step, Store,
+};
 use shsnap_core::host::{MemDev, VecMem};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -48,6 +50,28 @@ fn new_dev(blocks: u64) -> MemDev {
     .unwrap();
     dev.flush().unwrap();
     dev
+}
+
+/// `unwrap` for a mutation where the transaction cannot be full.
+trait UnwrapDone<T> {
+    fn unwrap_done(self) -> T;
+}
+
+impl<T> UnwrapDone<T> for Result<Step<T>, Error> {
+    fn unwrap_done(self) -> T {
+        match self.unwrap() {
+            Step::Done(t) => t,
+            Step::CommitFirst => panic!("transaction full"),
+        }
+    }
+}
+
+/// What a mutation did right after a commit (the transaction cannot be full then).
+fn done<T>(step: Step<T>) -> Result<T, Error> {
+    match step {
+        Step::Done(t) => Ok(t),
+        Step::CommitFirst => panic!("transaction full right after a commit"),
+    }
 }
 
 fn tag_block(tag: u64) -> Block {
@@ -157,13 +181,16 @@ impl Sim {
         self.durability_checked += 1;
     }
 
-    fn retry<T>(&mut self, mut f: impl FnMut(&mut S) -> Result<T, Error>) -> Result<T, Error> {
-        match f(self.s()) {
-            Err(Error::TxFull) => {
+    fn retry<T>(
+        &mut self,
+        mut f: impl FnMut(&mut S) -> Result<Step<T>, Error>,
+    ) -> Result<T, Error> {
+        match f(self.s())? {
+            Step::CommitFirst => {
                 self.commit()?;
-                f(self.s())
+                done(f(self.s())?)
             }
-            r => r,
+            Step::Done(t) => Ok(t),
         }
     }
 
@@ -265,7 +292,7 @@ fn verify_with(
     for (&id, content) in &m.snaps {
         let slot = s.sb().slot_of(id).unwrap();
         for c in 0..CHUNKS {
-            let tag = match s.lookup(c, slot, false).map_err(|e| e.to_string())? {
+            let tag = match s.lookup(c, slot).map_err(|e| e.to_string())? {
                 Source::Origin => origin[c as usize],
                 Source::Cow(cow) => {
                     let mut b = [0u8; BLOCK_SIZE];
@@ -371,27 +398,25 @@ fn sixty_four_snapshots_one_copy() {
     assert_eq!(sim.s().usage().data_used, before + 1);
     let mut n = 0;
     sim.s()
-        .exceptions_of(5, false, |e| {
+        .exceptions_of(5, |e| {
             assert_eq!(e.share, u64::MAX);
             n += 1
         })
         .unwrap();
     assert_eq!(n, 1);
     // A second write to the same chunk copies nothing.
-    assert_eq!(sim.s().origin_write(5).unwrap(), OriginWrite::NoCopy);
+    assert_eq!(sim.s().origin_write(5).unwrap_done(), OriginWrite::NoCopy);
     // A snapshot write splits the shared exception.
     sim.snap_write(10, 5).unwrap();
     sim.commit().unwrap();
     let mut shares = vec![];
-    sim.s()
-        .exceptions_of(5, false, |e| shares.push(e.share))
-        .unwrap();
+    sim.s().exceptions_of(5, |e| shares.push(e.share)).unwrap();
     shares.sort();
     assert_eq!(shares, vec![1 << 10, u64::MAX & !(1 << 10)]);
     // Written again: in place.
     let slot = sim.s().sb().slot_of(10).unwrap();
     assert!(matches!(
-        sim.s().snapshot_write(5, slot).unwrap(),
+        sim.s().snapshot_write(5, slot).unwrap_done(),
         SnapWrite::InPlace(_)
     ));
     let (m, o) = (sim.model.clone(), sim.model.origin.clone());
@@ -415,20 +440,23 @@ fn cow_full_invalidates_sharers_only() {
     .unwrap();
     let mut s = Store::open(dev, VecMem::new(128), sbox()).unwrap();
     let total = s.usage().data_total;
-    let a = s.create_snapshot(1).unwrap();
+    let a = s.create_snapshot(1).unwrap_done();
     s.commit().unwrap();
     for c in 0..total {
-        assert!(matches!(s.origin_write(c).unwrap(), OriginWrite::Copy(_)));
+        assert!(matches!(
+            s.origin_write(c).unwrap_done(),
+            OriginWrite::Copy(_)
+        ));
         if s.needs_commit() {
             s.commit().unwrap();
         }
     }
-    let b = s.create_snapshot(2).unwrap();
+    let b = s.create_snapshot(2).unwrap_done();
     assert_eq!(
-        s.origin_write(total + 1).unwrap(),
+        s.origin_write(total + 1).unwrap_done(),
         OriginWrite::Invalidated(1 << a | 1 << b)
     );
-    assert_eq!(s.lookup(0, a, false), Err(Error::SnapshotInvalid));
+    assert_eq!(s.lookup(0, a), Err(Error::SnapshotInvalid));
     s.commit().unwrap();
     let (dev, _, _) = s.close().unwrap();
     check_clean(&dev);
@@ -440,16 +468,22 @@ fn cow_full_invalidates_sharers_only() {
 struct Shared(Rc<RefCell<MemDev>>);
 
 impl BlockIo for Shared {
-    fn read_block(&mut self, nr: u64, buf: &mut Block) -> Result<(), Error> {
+    fn read_block(&mut self, nr: u64, buf: &mut Block) -> Result<(), PdataError> {
         self.0.borrow_mut().read_block(nr, buf)
     }
-    fn write_block(&mut self, nr: u64, buf: &Block) -> Result<(), Error> {
+    fn write_block(&mut self, nr: u64, buf: &Block) -> Result<(), PdataError> {
         self.0.borrow_mut().write_block(nr, buf)
     }
-    fn flush(&mut self) -> Result<(), Error> {
+    fn flush(&mut self) -> Result<(), PdataError> {
         self.0.borrow_mut().flush()
     }
-    fn write_run(&mut self, nr: u64, bufs: &[Block], pf: bool, fua: bool) -> Result<(), Error> {
+    fn write_run(
+        &mut self,
+        nr: u64,
+        bufs: &[Block],
+        pf: bool,
+        fua: bool,
+    ) -> Result<(), PdataError> {
         self.0.borrow_mut().write_run(nr, bufs, pf, fua)
     }
     fn size_blocks(&self) -> u64 {
@@ -776,7 +810,7 @@ fn corruption_is_detected() {
             if let Ok(mut s) = Store::open(d, VecMem::new(128), sbox()) {
                 let mut failed = false;
                 for c in 0..CHUNKS {
-                    if s.lookup(c, 0, false).is_err() {
+                    if s.lookup(c, 0).is_err() {
                         failed = true;
                         break;
                     }
@@ -820,7 +854,7 @@ fn journal_damage_and_torn_commit() {
     );
     assert!(matches!(
         Store::open(d, VecMem::new(128), sbox()),
-        Err(Error::Corrupt { .. })
+        Err(Error::Pdata(PdataError::Corrupt { .. }))
     ));
     // Random bytes and other formats are refused as not-a-store.
     let mut junk = MemDev::new(4096);
@@ -954,7 +988,7 @@ fn fuzz_open_mutated_images() {
                     // The value the store held, or an error: never a wrong answer.
                     // (Damage to the journal may drop the last transactions as torn.)
                     let in_log = hit.iter().any(|&b| b >= j_start && b < j_end);
-                    if let (Ok(src), false) = (s.lookup(c, 0, false), in_log) {
+                    if let (Ok(src), false) = (s.lookup(c, 0), in_log) {
                         assert_eq!(
                             src,
                             map_source(&map, c, 0),
@@ -1071,7 +1105,7 @@ fn forged_metadata_with_valid_checksums() {
         opened += 1;
         for &slot in &slots {
             for c in 0..CHUNKS {
-                match s.lookup(c, slot, false) {
+                match s.lookup(c, slot) {
                     Ok(src) => assert_eq!(
                         src,
                         map_source(&map, c, slot),
@@ -1089,15 +1123,17 @@ fn forged_metadata_with_valid_checksums() {
         for _ in 0..50 {
             let c = rng.gen_range(0..CHUNKS);
             let r = match rng.gen_range(0..6) {
-                0 | 1 => s.origin_write(c).map(|_| ()),
+                0 | 1 => s.origin_write(c).map(|r| r.map(|_| ())),
                 2 => s
                     .snapshot_write(c, slots[rng.gen_range(0..slots.len())])
-                    .map(|_| ()),
-                3 => s.create_snapshot(rng.gen_range(100..200)).map(|_| ()),
+                    .map(|r| r.map(|_| ())),
+                3 => s
+                    .create_snapshot(rng.gen_range(100..200))
+                    .map(|r| r.map(|_| ())),
                 4 => s.delete_snapshot(rng.gen_range(1..5)),
-                _ => s.delete_step(8).map(|_| ()),
+                _ => s.delete_step(8).map(|_| Step::Done(())),
             };
-            if r == Err(Error::TxFull) || s.needs_commit() {
+            if r == Ok(Step::CommitFirst) || s.needs_commit() {
                 let _ = s.commit();
             }
         }
@@ -1177,14 +1213,14 @@ fn alloc_after_reopen_of_full_store() {
     let full = 80u64;
     let dev = well_filled_dev(full);
     let mut s = Store::open(dev, VecMem::new(cache), sbox()).unwrap();
-    let a = s.create_snapshot(1).unwrap();
+    let a = s.create_snapshot(1).unwrap_done();
     s.commit().unwrap();
     let r = s.origin_write(0);
     println!(
         "alloc: first copy after open with {} full bitmap blocks, {}-block cache: {:?}",
         full, cache, r
     );
-    assert_eq!(r, Ok(OriginWrite::Copy(full * BITS_PER_BITMAP)));
+    assert_eq!(r, Ok(Step::Done(OriginWrite::Copy(full * BITS_PER_BITMAP))));
     s.commit().unwrap();
     let (dev, _, _) = s.close().unwrap();
     // Reopened: the next allocation continues where the last one stopped.
@@ -1192,7 +1228,7 @@ fn alloc_after_reopen_of_full_store() {
     let reads = s.cache_reads();
     assert_eq!(
         s.origin_write(1),
-        Ok(OriginWrite::Copy(full * BITS_PER_BITMAP + 1))
+        Ok(Step::Done(OriginWrite::Copy(full * BITS_PER_BITMAP + 1)))
     );
     let reads = s.cache_reads() - reads;
     println!(
@@ -1204,10 +1240,7 @@ fn alloc_after_reopen_of_full_store() {
         "allocation rescanned the bitmaps: {} reads",
         reads
     );
-    assert_eq!(
-        s.lookup(1, a, false),
-        Ok(Source::Cow(full * BITS_PER_BITMAP + 1))
-    );
+    assert_eq!(s.lookup(1, a), Ok(Source::Cow(full * BITS_PER_BITMAP + 1)));
     s.commit().unwrap();
     let _ = s.close().unwrap();
 }
@@ -1235,10 +1268,10 @@ fn delete_sweep_of_fragmented_leaf() {
     )
     .unwrap();
     let mut s = Store::open(dev, VecMem::new(256), sbox()).unwrap();
-    s.create_snapshot(1).unwrap();
+    s.create_snapshot(1).unwrap_done();
     s.commit().unwrap();
     for c in 0..n {
-        assert_eq!(s.origin_write(c), Ok(OriginWrite::Copy(c)));
+        assert_eq!(s.origin_write(c), Ok(Step::Done(OriginWrite::Copy(c))));
     }
     s.commit().unwrap();
     let sb = *s.sb();
@@ -1268,7 +1301,7 @@ fn delete_sweep_of_fragmented_leaf() {
     check_clean(&dev);
     // Delete the snapshot and sweep with a small cache, committing as the store asks.
     let mut s = Store::open(dev, VecMem::new(64), sbox()).unwrap();
-    s.delete_snapshot(1).unwrap();
+    s.delete_snapshot(1).unwrap_done();
     s.commit().unwrap();
     let mut steps = 0;
     let r = loop {
@@ -1297,16 +1330,16 @@ fn delete_sweep_of_fragmented_leaf() {
 struct NoWrite(MemDev);
 
 impl BlockIo for NoWrite {
-    fn read_block(&mut self, nr: u64, buf: &mut Block) -> Result<(), Error> {
+    fn read_block(&mut self, nr: u64, buf: &mut Block) -> Result<(), PdataError> {
         self.0.read_block(nr, buf)
     }
-    fn write_block(&mut self, nr: u64, _: &Block) -> Result<(), Error> {
+    fn write_block(&mut self, nr: u64, _: &Block) -> Result<(), PdataError> {
         panic!("read-only store wrote block {}", nr)
     }
-    fn flush(&mut self) -> Result<(), Error> {
+    fn flush(&mut self) -> Result<(), PdataError> {
         panic!("read-only store flushed")
     }
-    fn write_run(&mut self, nr: u64, _: &[Block], _: bool, _: bool) -> Result<(), Error> {
+    fn write_run(&mut self, nr: u64, _: &[Block], _: bool, _: bool) -> Result<(), PdataError> {
         panic!("read-only store wrote blocks from {}", nr)
     }
     fn size_blocks(&self) -> u64 {
@@ -1342,7 +1375,7 @@ fn open_readonly_writes_nothing() {
     for (&id, content) in &m.snaps {
         let slot = s.sb().slot_of(id).unwrap();
         for c in 0..CHUNKS {
-            let tag = match s.lookup(c, slot, false).unwrap() {
+            let tag = match s.lookup(c, slot).unwrap() {
                 Source::Origin => m.origin[c as usize],
                 Source::Cow(cow) => {
                     let mut b = [0u8; BLOCK_SIZE];
@@ -1360,7 +1393,7 @@ fn open_readonly_writes_nothing() {
         s.origin_write(CHUNKS + 5).map(|_| ()),
         s.snapshot_write(3, slot).map(|_| ()),
         s.create_snapshot(50).map(|_| ()),
-        s.delete_snapshot(1),
+        s.delete_snapshot(1).map(|_| ()),
         s.delete_step(4).map(|_| ()),
         s.invalidate(1),
     ];
@@ -1394,16 +1427,16 @@ impl Big {
         Ok(())
     }
 
-    fn retry<T>(&mut self, f: impl Fn(&mut S) -> Result<T, Error>) -> Result<T, Error> {
+    fn retry<T>(&mut self, f: impl Fn(&mut S) -> Result<Step<T>, Error>) -> Result<T, Error> {
         if self.s.needs_commit() {
             self.commit()?;
         }
-        match f(&mut self.s) {
-            Err(Error::TxFull) => {
+        match f(&mut self.s)? {
+            Step::CommitFirst => {
                 self.commit()?;
-                f(&mut self.s)
+                done(f(&mut self.s)?)
             }
-            r => r,
+            Step::Done(t) => Ok(t),
         }
     }
 
@@ -1523,7 +1556,7 @@ fn big_verify(s: &mut S, m: &BigModel) -> Result<(), String> {
     for (&id, v) in m {
         let slot = s.sb().slot_of(id).unwrap();
         for c in 0..BIG_CHUNKS {
-            let got = s.lookup(c, slot, false).map_err(|e| e.to_string())?;
+            let got = s.lookup(c, slot).map_err(|e| e.to_string())?;
             if got != v[c as usize] {
                 return Err(format!(
                     "snapshot {} chunk {}: {:?}, expected {:?}",

@@ -11,7 +11,7 @@
 
 use shsnap_core::exception_store::format::BLOCK_SIZE;
 use shsnap_core::exception_store::superblock::Super;
-use shsnap_core::exception_store::{format, FormatParams, OriginWrite, Store};
+use shsnap_core::exception_store::{format, FormatParams, OriginWrite, Step, Store};
 use shsnap_core::host::{MemDev, VecMem};
 
 mod populate;
@@ -45,7 +45,7 @@ fn filled(
     .unwrap();
     let mut s = Store::open(dev, VecMem::new(1024), Box::new(Super::empty())).unwrap();
     for id in 0..snaps {
-        s.create_snapshot(id).unwrap();
+        assert!(matches!(s.create_snapshot(id).unwrap(), Step::Done(_)));
     }
     s.commit().unwrap();
     // Fill: every other chunk gets an exception, so new writes land between existing keys.
@@ -55,7 +55,7 @@ fn filled(
         }
         assert!(matches!(
             s.origin_write(i * stride).unwrap(),
-            OriginWrite::Copy(_)
+            Step::Done(OriginWrite::Copy(_))
         ));
     }
     s.commit().unwrap();
@@ -112,7 +112,7 @@ fn main() {
                 let t = Instant::now();
                 let r = s.origin_write(chunk).unwrap();
                 plan_ns += t.elapsed().as_nanos();
-                assert!(matches!(r, OriginWrite::Copy(_)));
+                assert!(matches!(r, Step::Done(OriginWrite::Copy(_))));
             }
             s.commit().unwrap();
             let reads = s.cache_reads() - r0;
@@ -120,7 +120,10 @@ fn main() {
             let t = Instant::now();
             for i in 0..n {
                 let chunk = (i * 7919 % exc.max(n)) * 2 + 1;
-                assert_eq!(s.origin_write(chunk).unwrap(), OriginWrite::NoCopy);
+                assert_eq!(
+                    s.origin_write(chunk).unwrap(),
+                    Step::Done(OriginWrite::NoCopy)
+                );
             }
             let over_ns = t.elapsed().as_nanos();
             println!(

@@ -29,7 +29,7 @@ impl<D: BlockIo> Overlay<D> {
 }
 
 impl<D: BlockIo> BlockIo for Overlay<D> {
-    fn read_block(&mut self, nr: u64, buf: &mut Block) -> Result<()> {
+    fn read_block(&mut self, nr: u64, buf: &mut Block) -> PdataResult<()> {
         match self.writes.get(&nr) {
             Some(b) => {
                 buf.copy_from_slice(b);
@@ -38,11 +38,11 @@ impl<D: BlockIo> BlockIo for Overlay<D> {
             None => self.inner.read_block(nr, buf),
         }
     }
-    fn write_block(&mut self, nr: u64, buf: &Block) -> Result<()> {
+    fn write_block(&mut self, nr: u64, buf: &Block) -> PdataResult<()> {
         self.writes.insert(nr, *buf);
         Ok(())
     }
-    fn flush(&mut self) -> Result<()> {
+    fn flush(&mut self) -> PdataResult<()> {
         Ok(())
     }
     fn size_blocks(&self) -> u64 {
@@ -250,7 +250,7 @@ pub fn check_with<D: BlockIo>(dev: D, keep_map: bool) -> (Report, Option<(Super,
             continue;
         }
         let n = btree::count(&b);
-        let in_range = |k: u64| k >= lo && hi.map_or(true, |h| k < h);
+        let in_range = |k: u64| k >= lo && hi.is_none_or(|h| k < h);
         if level == 0 {
             if n == 0 && blk != sb.root.block {
                 err(&mut r, format!("block {}: empty leaf below the root", blk));

@@ -84,7 +84,7 @@ fn read<D: BlockIo>(io: &mut D, nr: u64) -> Result<Block> {
 fn write<D: BlockIo>(io: &mut D, nr: u64, b: &mut Block) -> Result<()> {
     seal(io, b);
     io.write_block(nr, b)?;
-    io.flush()
+    Ok(io.flush()?)
 }
 
 fn walk<D: BlockIo>(io: &mut D, sb: &Super) -> Vec<Node> {
@@ -197,7 +197,7 @@ impl<D: BlockIo> Ctx<'_, D> {
         for nr in [1u64, 2] {
             let b = read(self.io, nr)?;
             if let Ok(h) = JournalHeader::decode(self.io, &b, nr, self.store_id) {
-                if best.map_or(true, |(x, _)| (h.seq, h.off) > (x.seq, x.off)) {
+                if best.is_none_or(|(x, _)| (h.seq, h.off) > (x.seq, x.off)) {
                     best = Some((h, nr));
                 }
             }

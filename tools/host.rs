@@ -2,7 +2,7 @@
 //! power loss, a file or block device, and Vec-backed cache memory.
 
 use crate::exception_store::cache::{CacheMem, Parts, Slot, SCRATCH_BLOCKS};
-use crate::exception_store::format::{Block, BlockIo, Error, Result, BLOCK_SIZE};
+use crate::exception_store::format::{Block, BlockIo, PdataError, PdataResult, BLOCK_SIZE};
 use std::boxed::Box;
 use std::collections::HashMap;
 use std::fs::File;
@@ -157,18 +157,19 @@ impl MemDev {
         self.current(nr).copied().unwrap_or([0; BLOCK_SIZE])
     }
 
-    fn check_fail(&self) -> Result<()> {
+    /// `e` once the device has died (`fail_after_writes`).
+    fn check_fail(&self, e: PdataError) -> PdataResult<()> {
         match self.fail_after_writes {
-            Some(n) if self.writes >= n => Err(Error::Io { block: u64::MAX }),
+            Some(n) if self.writes >= n => Err(e),
             _ => Ok(()),
         }
     }
 }
 
 impl BlockIo for MemDev {
-    fn read_block(&mut self, nr: u64, buf: &mut Block) -> Result<()> {
+    fn read_block(&mut self, nr: u64, buf: &mut Block) -> PdataResult<()> {
         if nr >= self.blocks {
-            return Err(Error::Io { block: nr });
+            return Err(PdataError::Io { block: nr });
         }
         match self.current(nr) {
             Some(b) => buf.copy_from_slice(b),
@@ -177,11 +178,11 @@ impl BlockIo for MemDev {
         Ok(())
     }
 
-    fn write_block(&mut self, nr: u64, buf: &Block) -> Result<()> {
+    fn write_block(&mut self, nr: u64, buf: &Block) -> PdataResult<()> {
         if nr >= self.blocks {
-            return Err(Error::Io { block: nr });
+            return Err(PdataError::Io { block: nr });
         }
-        self.check_fail()?;
+        self.check_fail(PdataError::Io { block: nr })?;
         self.writes += 1;
         self.log.push(nr);
         self.volatile.push(Pending {
@@ -191,8 +192,8 @@ impl BlockIo for MemDev {
         Ok(())
     }
 
-    fn flush(&mut self) -> Result<()> {
-        self.check_fail()?;
+    fn flush(&mut self) -> PdataResult<()> {
+        self.check_fail(PdataError::Flush)?;
         self.flushes += 1;
         for p in self.volatile.drain(..) {
             self.durable.insert(p.block, p.data);
@@ -204,10 +205,10 @@ impl BlockIo for MemDev {
     /// it durable; FUA makes durable only the blocks of this request (every other volatile
     /// write stays volatile).  Each block of the run is its own volatile write until then, so
     /// a cut can keep any subset of them, or tear one.
-    fn write_run(&mut self, nr: u64, bufs: &[Block], preflush: bool, fua: bool) -> Result<()> {
+    fn write_run(&mut self, nr: u64, bufs: &[Block], preflush: bool, fua: bool) -> PdataResult<()> {
         let n = bufs.len() as u64;
-        if n == 0 || nr.checked_add(n).map_or(true, |e| e > self.blocks) {
-            return Err(Error::Io { block: nr });
+        if n == 0 || nr.checked_add(n).is_none_or(|e| e > self.blocks) {
+            return Err(PdataError::Io { block: nr });
         }
         if preflush {
             self.flush()?;
@@ -217,7 +218,7 @@ impl BlockIo for MemDev {
             self.write_block(nr + i as u64, b)?;
         }
         if fua {
-            self.check_fail()?;
+            self.check_fail(PdataError::Flush)?;
             self.fuas += 1;
             let run: Vec<Pending> = self.volatile.drain(first..).collect();
             for p in run {
@@ -266,28 +267,26 @@ impl FileDev {
 }
 
 impl BlockIo for FileDev {
-    fn read_block(&mut self, nr: u64, buf: &mut Block) -> Result<()> {
+    fn read_block(&mut self, nr: u64, buf: &mut Block) -> PdataResult<()> {
         if nr >= self.blocks {
-            return Err(Error::Io { block: nr });
+            return Err(PdataError::Io { block: nr });
         }
         self.file
             .read_exact_at(buf, nr * BLOCK_SIZE as u64)
-            .map_err(|_| Error::Io { block: nr })
+            .map_err(|_| PdataError::Io { block: nr })
     }
 
-    fn write_block(&mut self, nr: u64, buf: &Block) -> Result<()> {
+    fn write_block(&mut self, nr: u64, buf: &Block) -> PdataResult<()> {
         if nr >= self.blocks {
-            return Err(Error::Io { block: nr });
+            return Err(PdataError::Io { block: nr });
         }
         self.file
             .write_all_at(buf, nr * BLOCK_SIZE as u64)
-            .map_err(|_| Error::Io { block: nr })
+            .map_err(|_| PdataError::Io { block: nr })
     }
 
-    fn flush(&mut self) -> Result<()> {
-        self.file
-            .sync_data()
-            .map_err(|_| Error::Io { block: u64::MAX })
+    fn flush(&mut self) -> PdataResult<()> {
+        self.file.sync_data().map_err(|_| PdataError::Flush)
     }
 
     fn size_blocks(&self) -> u64 {

@@ -19,8 +19,8 @@ use shsnap_core::exception_store::exceptions::{
     self as btree, Exception, Root, INTERNAL_CAP, LEAF_CAP,
 };
 use shsnap_core::exception_store::format::{
-    init_header, seal, Block, BlockIo, BlockType, Error, Result, BLOCK_SIZE, HEADER_SIZE,
-    MAX_DEPTH, MAX_SNAPSHOTS,
+    init_header, seal, Block, BlockIo, BlockType, Error, PdataError, PdataResult, Result,
+    BLOCK_SIZE, HEADER_SIZE, MAX_DEPTH, MAX_SNAPSHOTS,
 };
 use shsnap_core::exception_store::superblock::{
     JournalHeader, Layout, SnapSlot, Super, BITS_PER_BITMAP, SNAP_LIVE, STATE_BLOCK,
@@ -292,9 +292,9 @@ struct Writer {
 const RUN: usize = 256;
 
 impl Writer {
-    fn put(&mut self, nr: u64, b: &Block) -> Result<()> {
+    fn put(&mut self, nr: u64, b: &Block) -> PdataResult<()> {
         if nr >= self.blocks {
-            return Err(Error::Io { block: nr });
+            return Err(PdataError::Io { block: nr });
         }
         let n = (self.buf.len() / BLOCK_SIZE) as u64;
         if n > 0 && (nr != self.start + n || n as usize == RUN) {
@@ -308,11 +308,11 @@ impl Writer {
         Ok(())
     }
 
-    fn drain(&mut self) -> Result<()> {
+    fn drain(&mut self) -> PdataResult<()> {
         if !self.buf.is_empty() {
             self.file
                 .write_all_at(&self.buf, self.start * BLOCK_SIZE as u64)
-                .map_err(|_| Error::Io { block: self.start })?;
+                .map_err(|_| PdataError::Io { block: self.start })?;
             self.buf.clear();
         }
         Ok(())
@@ -320,17 +320,15 @@ impl Writer {
 }
 
 impl BlockIo for Writer {
-    fn read_block(&mut self, nr: u64, _: &mut Block) -> Result<()> {
-        Err(Error::Io { block: nr })
+    fn read_block(&mut self, nr: u64, _: &mut Block) -> PdataResult<()> {
+        Err(PdataError::Io { block: nr })
     }
-    fn write_block(&mut self, nr: u64, b: &Block) -> Result<()> {
+    fn write_block(&mut self, nr: u64, b: &Block) -> PdataResult<()> {
         self.put(nr, b)
     }
-    fn flush(&mut self) -> Result<()> {
+    fn flush(&mut self) -> PdataResult<()> {
         self.drain()?;
-        self.file
-            .sync_data()
-            .map_err(|_| Error::Io { block: u64::MAX })
+        self.file.sync_data().map_err(|_| PdataError::Flush)
     }
     fn size_blocks(&self) -> u64 {
         self.blocks
