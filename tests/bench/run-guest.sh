@@ -151,7 +151,11 @@ for BACKING in $BACKINGS; do
     echo "started $(date +%T)"
     echo "backing $BACKING: origin $A, COW/pool $B ($((BSZ / 2048)) MiB), region $REGION_MB MiB, chunk $CHUNK sectors"
     for rep in $(seq 1 $REPS); do
-        for t in $TARGETS; do
+        # Every other repeat runs the targets in reverse order, so that no target always
+        # follows the same one (module swaps, the RAM disk's state).
+        ts=$TARGETS
+        [ $((rep % 2)) = 0 ] && ts=$(echo $TARGETS | tr ' ' '\n' | tac | tr '\n' ' ')
+        for t in $ts; do
             for n in $NS; do
                 [ $t = raw -o $t = linear ] && [ $n != 0 ] && continue
                 [ $t = snapshot ] && [ $n -gt $SNAP_MAX ] && continue
