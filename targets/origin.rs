@@ -18,9 +18,9 @@ use crate::dm::{
 use crate::exception_store::format::MAX_SNAPSHOTS;
 use crate::exception_store::Cached;
 
-/// The `shared-origin` target.  (The issue asked for `shared-snapshot-origin`, but target
-/// type names travel in the 16-byte `dm_target_spec.target_type` of the dm ioctl ABI, so
-/// names of 16 characters or more cannot be loaded by dmsetup at all.)
+/// The `shared-origin` target.  (Not `shared-snapshot-origin`: target type names travel in
+/// the 16-byte `dm_target_spec.target_type` of the dm ioctl ABI, so a name of 16 characters
+/// or more cannot be loaded by dmsetup at all.)
 pub(crate) struct Origin {
     pub(super) shared: Arc<Shared>,
     pub(super) origin: Device,
