@@ -478,3 +478,43 @@ impl<M: CacheMem> Cache<M> {
         self.mem
     }
 }
+
+/// Cache memory from the heap (userspace: the tools and the tests).
+#[cfg(feature = "std")]
+pub struct VecMem {
+    blocks: std::vec::Vec<Block>,
+    slots: std::vec::Vec<Slot>,
+    buckets: std::vec::Vec<u32>,
+    pending: std::vec::Vec<u64>,
+}
+
+#[cfg(feature = "std")]
+impl VecMem {
+    /// `n` slots of 4 KiB.
+    pub fn new(n: usize) -> Self {
+        VecMem {
+            blocks: std::vec![[0u8; super::block::BLOCK_SIZE]; n + SCRATCH_BLOCKS],
+            slots: std::vec![Slot::new(); n],
+            buckets: std::vec![0; (2 * n).next_power_of_two()],
+            pending: std::vec![0; super::space_map::PENDING_MAX],
+        }
+    }
+}
+
+#[cfg(feature = "std")]
+impl CacheMem for VecMem {
+    fn parts(&mut self) -> Parts<'_> {
+        Parts {
+            blocks: &mut self.blocks,
+            slots: &mut self.slots,
+            buckets: &mut self.buckets,
+            pending: &mut self.pending,
+        }
+    }
+    fn blocks(&self) -> &[Block] {
+        &self.blocks
+    }
+    fn slots(&self) -> &[Slot] {
+        &self.slots
+    }
+}

@@ -444,7 +444,8 @@ pub fn replay(
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::{TestDev, TestMem};
+    use super::super::cache::VecMem as TestMem;
+    use super::super::testing::TestDev;
     use super::*;
 
     const STORE: u64 = 0x10c;

@@ -198,7 +198,8 @@ pub fn format(
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::{TestDev, TestMem};
+    use super::super::cache::VecMem as TestMem;
+    use super::super::testing::TestDev;
     use super::*;
     use std::vec::Vec;
 

@@ -1,11 +1,9 @@
 //! Test helpers for the unit tests of this layer (compiled only by `cargo test`): an
-//! in-memory block device and heap cache memory, so the tests need nothing above `pdata`.
+//! in-memory block device (heap cache memory is `cache::VecMem`), so the tests need nothing
+//! above `pdata`.
 
 use super::block::{Block, BlockIo, Error, Result, BLOCK_SIZE};
-use super::cache::{CacheMem, Parts, Slot, SCRATCH_BLOCKS};
-use super::space_map::PENDING_MAX;
 use std::collections::HashMap;
-use std::vec::Vec;
 
 /// A device whose writes are durable at once; unwritten blocks read as zeroes.
 pub struct TestDev {
@@ -49,41 +47,5 @@ impl BlockIo for TestDev {
     }
     fn crc32c(&self, data: &[u8]) -> u32 {
         crc32c::crc32c(data)
-    }
-}
-
-/// Cache memory from the heap.
-pub struct TestMem {
-    blocks: Vec<Block>,
-    slots: Vec<Slot>,
-    buckets: Vec<u32>,
-    pending: Vec<u64>,
-}
-
-impl TestMem {
-    pub fn new(n: usize) -> Self {
-        TestMem {
-            blocks: std::vec![[0u8; BLOCK_SIZE]; n + SCRATCH_BLOCKS],
-            slots: std::vec![Slot::new(); n],
-            buckets: std::vec![0; (2 * n).next_power_of_two()],
-            pending: std::vec![0; PENDING_MAX],
-        }
-    }
-}
-
-impl CacheMem for TestMem {
-    fn parts(&mut self) -> Parts<'_> {
-        Parts {
-            blocks: &mut self.blocks,
-            slots: &mut self.slots,
-            buckets: &mut self.buckets,
-            pending: &mut self.pending,
-        }
-    }
-    fn blocks(&self) -> &[Block] {
-        &self.blocks
-    }
-    fn slots(&self) -> &[Slot] {
-        &self.slots
     }
 }

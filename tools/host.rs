@@ -1,7 +1,7 @@
 //! Userspace implementations of the core's traits: an in-memory device that can simulate
 //! power loss, a file or block device, and Vec-backed cache memory.
 
-use crate::exception_store::cache::{CacheMem, Parts, Slot, SCRATCH_BLOCKS};
+pub use crate::exception_store::cache::VecMem;
 use crate::exception_store::format::{Block, BlockIo, PdataError, PdataResult, BLOCK_SIZE};
 use std::boxed::Box;
 use std::collections::HashMap;
@@ -12,43 +12,6 @@ use std::vec::Vec;
 /// CRC-32C as the on-disk format defines it.
 pub fn crc32c(data: &[u8]) -> u32 {
     crc32c::crc32c(data)
-}
-
-/// Cache memory from the heap.
-pub struct VecMem {
-    blocks: Vec<Block>,
-    slots: Vec<Slot>,
-    buckets: Vec<u32>,
-    pending: Vec<u64>,
-}
-
-impl VecMem {
-    /// `n` slots of 4 KiB.
-    pub fn new(n: usize) -> Self {
-        VecMem {
-            blocks: std::vec![[0u8; BLOCK_SIZE]; n + SCRATCH_BLOCKS],
-            slots: std::vec![Slot::new(); n],
-            buckets: std::vec![0; (2 * n).next_power_of_two()],
-            pending: std::vec![0; 1024],
-        }
-    }
-}
-
-impl CacheMem for VecMem {
-    fn parts(&mut self) -> Parts<'_> {
-        Parts {
-            blocks: &mut self.blocks,
-            slots: &mut self.slots,
-            buckets: &mut self.buckets,
-            pending: &mut self.pending,
-        }
-    }
-    fn blocks(&self) -> &[Block] {
-        &self.blocks
-    }
-    fn slots(&self) -> &[Slot] {
-        &self.slots
-    }
 }
 
 /// A write not yet made durable by a flush.
