@@ -241,23 +241,164 @@ pub struct Super {
     pub snaps: [SnapSlot; MAX_SNAPSHOTS],
 }
 
-const SB_VERSION: usize = 32;
-const SB_CHUNK: usize = 36;
-const SB_BLOCKSIZE: usize = 40;
-const SB_FLAGS: usize = 44;
-const SB_UUID: usize = 48;
-const SB_LAYOUT: usize = 64; // 12 u64 fields, chunk_sectors stored separately
-const SB_META_USED: usize = 160;
-const SB_DATA_USED: usize = 168;
-const SB_ROOT: usize = 176;
-const SB_DEPTH: usize = 184;
-const SB_DELETE_CURSOR: usize = 192;
-const SB_NEXT_SEQ: usize = 200;
-const SB_MAGIC_STR: usize = 208;
-const SB_ALLOC_HINT: usize = 216; // 2 u64: metadata, data
-const MAGIC_STR: &[u8; 8] = b"SHSNAP\r\n";
+// Superblock and state block: the block header, the fields (`SbFields`) from byte 32, zeros,
+// the snapshot table (`MAX_SNAPSHOTS` slots of `SnapSlot::SIZE` bytes) from byte 512.
+const SB_FIELDS: usize = HEADER_SIZE;
 const SB_SNAPS: usize = 512;
-const SNAP_SIZE: usize = 32;
+const MAGIC_STR: &[u8; 8] = b"SHSNAP\r\n";
+const _: () = assert!(SB_FIELDS + SbFields::SIZE <= SB_SNAPS);
+const _: () = assert!(SB_SNAPS + MAX_SNAPSHOTS * SnapSlot::SIZE <= BLOCK_SIZE);
+
+impl SnapSlot {
+    /// Bytes of a slot on disk.
+    pub const SIZE: usize = 32;
+
+    /// Packs into `out` (`SIZE` bytes): u32 id, u32 flags, u64 creation sequence, u64 owned,
+    /// u64 reserved.
+    pub fn pack(&self, out: &mut [u8]) {
+        let mut w = LeWriter::new(out);
+        w.u32(self.id);
+        w.u32(self.flags);
+        w.u64(self.create_seq);
+        w.u64(self.owned);
+        w.zeros(8);
+        debug_assert!(w.fits() && w.pos() == Self::SIZE);
+    }
+
+    /// Unpacks what `pack` wrote (the flags are checked apart: `flags_ok`).
+    pub fn unpack(b: &[u8]) -> Result<SnapSlot> {
+        let mut r = LeReader::new(b);
+        let s = SnapSlot {
+            id: r.u32()?,
+            flags: r.u32()?,
+            create_seq: r.u64()?,
+            owned: r.u64()?,
+        };
+        r.skip(8)?;
+        Ok(s)
+    }
+
+    /// Whether the flags are a state a slot can be in: free, live (maybe invalid), or
+    /// deleting (maybe invalid), and no unknown bit.
+    fn flags_ok(&self) -> bool {
+        let f = self.flags;
+        f & !SNAP_KNOWN == 0
+            && !(f & SNAP_LIVE != 0 && f & SNAP_DELETING != 0)
+            && (f == 0 || f & (SNAP_LIVE | SNAP_DELETING) != 0)
+    }
+}
+
+/// The fields of the superblock and the state block between the block header and the
+/// snapshot table, as stored (nothing checked yet).  The order of the reads in `unpack` and
+/// of the writes in `pack` is the layout (Documentation/format.md): from byte 32, u32
+/// version, u32 chunk size, u32 block size, u32 flags, 16-byte uuid, the 11 u64 of the
+/// layout, 8 reserved bytes, u64 metadata and data in use, u64 root block, u32 depth, 4
+/// reserved bytes, u64 deletion cursor, u64 next sequence, 8-byte magic, u64 allocation
+/// hints (metadata, data).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SbFields {
+    version: u32,
+    block_size: u32,
+    flags: u32,
+    uuid: [u8; 16],
+    /// Its chunk size is stored after the version, its areas after the uuid.
+    layout: Layout,
+    meta_used: u64,
+    data_used: u64,
+    root: Root,
+    delete_cursor: u64,
+    next_seq: u64,
+    magic: [u8; 8],
+    alloc_hint: [u64; 2],
+}
+
+impl SbFields {
+    /// Bytes on disk.
+    const SIZE: usize = 200;
+
+    fn pack(&self, out: &mut [u8]) {
+        let mut w = LeWriter::new(out);
+        let l = &self.layout;
+        w.u32(self.version);
+        w.u32(l.chunk_sectors);
+        w.u32(self.block_size);
+        w.u32(self.flags);
+        w.bytes(&self.uuid);
+        for v in [
+            l.total_blocks,
+            l.journal_start,
+            l.journal_blocks,
+            l.meta_bitmap_start,
+            l.meta_bitmap_blocks,
+            l.data_bitmap_start,
+            l.data_bitmap_blocks,
+            l.meta_start,
+            l.meta_blocks,
+            l.data_start,
+            l.data_chunks,
+        ] {
+            w.u64(v);
+        }
+        w.zeros(8);
+        w.u64(self.meta_used);
+        w.u64(self.data_used);
+        w.u64(self.root.block);
+        w.u32(self.root.depth);
+        w.zeros(4);
+        w.u64(self.delete_cursor);
+        w.u64(self.next_seq);
+        w.bytes(&self.magic);
+        w.u64(self.alloc_hint[0]);
+        w.u64(self.alloc_hint[1]);
+        debug_assert!(w.fits() && w.pos() == Self::SIZE);
+    }
+
+    fn unpack(b: &[u8]) -> Result<SbFields> {
+        let mut r = LeReader::new(b);
+        let version = r.u32()?;
+        let chunk_sectors = r.u32()?;
+        let block_size = r.u32()?;
+        let flags = r.u32()?;
+        let uuid = r.bytes()?;
+        // The fields of a struct expression are evaluated in the order written: on-disk order.
+        let layout = Layout {
+            chunk_sectors,
+            total_blocks: r.u64()?,
+            journal_start: r.u64()?,
+            journal_blocks: r.u64()?,
+            meta_bitmap_start: r.u64()?,
+            meta_bitmap_blocks: r.u64()?,
+            data_bitmap_start: r.u64()?,
+            data_bitmap_blocks: r.u64()?,
+            meta_start: r.u64()?,
+            meta_blocks: r.u64()?,
+            data_start: r.u64()?,
+            data_chunks: r.u64()?,
+        };
+        r.skip(8)?;
+        let meta_used = r.u64()?;
+        let data_used = r.u64()?;
+        let root = Root {
+            block: r.u64()?,
+            depth: r.u32()?,
+        };
+        r.skip(4)?;
+        Ok(SbFields {
+            version,
+            block_size,
+            flags,
+            uuid,
+            layout,
+            meta_used,
+            data_used,
+            root,
+            delete_cursor: r.u64()?,
+            next_seq: r.u64()?,
+            magic: r.bytes()?,
+            alloc_hint: [r.u64()?, r.u64()?],
+        })
+    }
+}
 
 impl Super {
     /// Encodes into a block (header included, checksum not): as the static superblock
@@ -270,44 +411,27 @@ impl Super {
             BlockType::State
         };
         init_header(b, ty, nr, self.store_id);
-        put32(b, SB_VERSION, FORMAT_VERSION);
-        put32(b, SB_CHUNK, self.layout.chunk_sectors);
-        put32(b, SB_BLOCKSIZE, BLOCK_SIZE as u32);
-        put32(b, SB_FLAGS, self.flags);
-        b[SB_UUID..SB_UUID + 16].copy_from_slice(&self.uuid);
-        let l = &self.layout;
-        let f = [
-            l.total_blocks,
-            l.journal_start,
-            l.journal_blocks,
-            l.meta_bitmap_start,
-            l.meta_bitmap_blocks,
-            l.data_bitmap_start,
-            l.data_bitmap_blocks,
-            l.meta_start,
-            l.meta_blocks,
-            l.data_start,
-            l.data_chunks,
-        ];
-        for (i, v) in f.iter().enumerate() {
-            put64(b, SB_LAYOUT + 8 * i, *v);
+        let (head, table) = b.split_at_mut(SB_SNAPS);
+        SbFields {
+            version: FORMAT_VERSION,
+            block_size: BLOCK_SIZE as u32,
+            flags: self.flags,
+            uuid: self.uuid,
+            layout: self.layout,
+            meta_used: self.meta_used,
+            data_used: self.data_used,
+            root: self.root,
+            delete_cursor: self.delete_cursor,
+            next_seq: self.next_seq,
+            magic: *MAGIC_STR,
+            alloc_hint: self.alloc_hint,
         }
-        put64(b, SB_META_USED, self.meta_used);
-        put64(b, SB_DATA_USED, self.data_used);
-        put64(b, SB_ROOT, self.root.block);
-        put32(b, SB_DEPTH, self.root.depth);
-        put64(b, SB_DELETE_CURSOR, self.delete_cursor);
-        put64(b, SB_NEXT_SEQ, self.next_seq);
-        b[SB_MAGIC_STR..SB_MAGIC_STR + 8].copy_from_slice(MAGIC_STR);
-        put64(b, SB_ALLOC_HINT, self.alloc_hint[0]);
-        put64(b, SB_ALLOC_HINT + 8, self.alloc_hint[1]);
-        for (i, s) in self.snaps.iter().enumerate() {
-            let o = SB_SNAPS + i * SNAP_SIZE;
-            put32(b, o, s.id);
-            put32(b, o + 4, s.flags);
-            put64(b, o + 8, s.create_seq);
-            put64(b, o + 16, s.owned);
+        .pack(&mut head[SB_FIELDS..]);
+        let mut w = LeWriter::new(table);
+        for s in &self.snaps {
+            s.pack(w.take(SnapSlot::SIZE));
         }
+        debug_assert!(w.fits());
     }
 
     /// An all-zero superblock (to decode into).
@@ -360,47 +484,31 @@ impl Super {
     /// (small stack frame: the kernel stack is small).
     #[inline(never)]
     pub fn decode_identity(io: &impl BlockIo, b: &Block, dev_blocks: u64) -> Result<(u64, Layout)> {
-        Self::identity(io, b, 0, dev_blocks)
+        Self::identity(io, b, 0, dev_blocks).map(|(id, f)| (id, f.layout))
     }
 
     /// Checks the header, magic (block 0), version and block size of the superblock or
-    /// state block `nr`, and decodes and validates its layout.
-    fn identity(io: &impl BlockIo, b: &Block, nr: u64, dev_blocks: u64) -> Result<(u64, Layout)> {
+    /// state block `nr`, and validates its layout; returns the store id and the fields.
+    fn identity(io: &impl BlockIo, b: &Block, nr: u64, dev_blocks: u64) -> Result<(u64, SbFields)> {
         let ty = if nr == 0 {
             BlockType::Super
         } else {
             BlockType::State
         };
-        if nr == 0
-            && (header_type(b) != ty.tag() || b[SB_MAGIC_STR..SB_MAGIC_STR + 8] != MAGIC_STR[..])
-        {
+        let f = SbFields::unpack(&b[SB_FIELDS..])?;
+        if nr == 0 && (header_type(b) != ty.tag() || f.magic != *MAGIC_STR) {
             return Err(Error::NotAStore("no shared-snapshot superblock magic"));
         }
-        let store_id = get64(b, 16);
+        let store_id = header_store_id(b);
         check_header(io, b, ty, nr, store_id)?;
-        if get32(b, SB_VERSION) != FORMAT_VERSION {
+        if f.version != FORMAT_VERSION {
             return Err(Error::NotAStore("unsupported format version"));
         }
-        if get32(b, SB_BLOCKSIZE) as usize != BLOCK_SIZE {
+        if f.block_size as usize != BLOCK_SIZE {
             return Err(Error::NotAStore("unsupported metadata block size"));
         }
-        let g = |i: usize| get64(b, SB_LAYOUT + 8 * i);
-        let layout = Layout {
-            total_blocks: g(0),
-            chunk_sectors: get32(b, SB_CHUNK),
-            journal_start: g(1),
-            journal_blocks: g(2),
-            meta_bitmap_start: g(3),
-            meta_bitmap_blocks: g(4),
-            data_bitmap_start: g(5),
-            data_bitmap_blocks: g(6),
-            meta_start: g(7),
-            meta_blocks: g(8),
-            data_start: g(9),
-            data_chunks: g(10),
-        };
-        layout.validate(dev_blocks)?;
-        Ok((store_id, layout))
+        f.layout.validate(dev_blocks)?;
+        Ok((store_id, f))
     }
 
     /// As `decode`, into `sb` (no large temporaries: the kernel stack is small).
@@ -412,20 +520,18 @@ impl Super {
         dev_blocks: u64,
         sb: &mut Super,
     ) -> Result<()> {
-        let (store_id, layout) = Self::identity(io, b, nr, dev_blocks)?;
+        let (store_id, f) = Self::identity(io, b, nr, dev_blocks)?;
+        let layout = f.layout;
         sb.store_id = store_id;
-        sb.uuid.copy_from_slice(&b[SB_UUID..SB_UUID + 16]);
-        sb.flags = get32(b, SB_FLAGS);
+        sb.uuid = f.uuid;
+        sb.flags = f.flags;
         sb.layout = layout;
-        sb.meta_used = get64(b, SB_META_USED);
-        sb.data_used = get64(b, SB_DATA_USED);
-        sb.root = Root {
-            block: get64(b, SB_ROOT),
-            depth: get32(b, SB_DEPTH),
-        };
-        sb.delete_cursor = get64(b, SB_DELETE_CURSOR);
-        sb.next_seq = get64(b, SB_NEXT_SEQ);
-        sb.alloc_hint = [get64(b, SB_ALLOC_HINT), get64(b, SB_ALLOC_HINT + 8)];
+        sb.meta_used = f.meta_used;
+        sb.data_used = f.data_used;
+        sb.root = f.root;
+        sb.delete_cursor = f.delete_cursor;
+        sb.next_seq = f.next_seq;
+        sb.alloc_hint = f.alloc_hint;
         let bad = |w| Err(PdataError::Corrupt { block: nr, what: w }.into());
         if sb.meta_used > layout.meta_blocks || sb.data_used > layout.data_chunks {
             return bad("space counters exceed the areas");
@@ -436,23 +542,13 @@ impl Super {
         {
             return bad("btree root");
         }
-        for i in 0..MAX_SNAPSHOTS {
-            let o = SB_SNAPS + i * SNAP_SIZE;
-            let s = SnapSlot {
-                id: get32(b, o),
-                flags: get32(b, o + 4),
-                create_seq: get64(b, o + 8),
-                owned: get64(b, o + 16),
-            };
-            if s.flags & !SNAP_KNOWN != 0
-                || (s.flags & SNAP_LIVE != 0 && s.flags & SNAP_DELETING != 0)
-            {
+        let mut r = LeReader::new(&b[SB_SNAPS..]);
+        for slot in sb.snaps.iter_mut() {
+            let s = SnapSlot::unpack(r.take(SnapSlot::SIZE)?)?;
+            if !s.flags_ok() {
                 return bad("snapshot slot flags");
             }
-            if s.flags != 0 && s.flags & (SNAP_LIVE | SNAP_DELETING) == 0 {
-                return bad("snapshot slot flags");
-            }
-            sb.snaps[i] = s;
+            *slot = s;
         }
         for i in 0..MAX_SNAPSHOTS {
             for j in 0..i {
@@ -499,5 +595,132 @@ impl Super {
         self.snaps
             .iter()
             .position(|s| s.flags & SNAP_LIVE != 0 && s.id == id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Super {
+        let mut sb = Super::empty();
+        sb.store_id = 0x5157_0e1d;
+        sb.uuid = [0x11; 16];
+        sb.flags = SB_DIRTY;
+        sb.layout = Layout::compute(1 << 16, 16, 0).unwrap();
+        sb.meta_used = 0x1601;
+        sb.data_used = 0x1602;
+        sb.root = Root {
+            block: 0x1603,
+            depth: 3,
+        };
+        sb.delete_cursor = 0x1604;
+        sb.next_seq = 0x1605;
+        sb.alloc_hint = [0x1606, 0x1607];
+        for (i, s) in sb.snaps.iter_mut().enumerate() {
+            let i = i as u64;
+            *s = SnapSlot {
+                id: 100 + i as u32,
+                flags: [0, SNAP_LIVE, SNAP_LIVE | SNAP_INVALID, SNAP_DELETING][i as usize % 4],
+                create_seq: 0x1_0000 + i,
+                owned: 0x2_0000 + i,
+            };
+        }
+        sb
+    }
+
+    /// Each structure reads back what it wrote within exactly its size, and no less.
+    #[test]
+    fn pack_unpack_round_trip() {
+        let sb = sample();
+        for s in sb.snaps {
+            let mut b = [0xaa; SnapSlot::SIZE];
+            s.pack(&mut b);
+            assert_eq!(SnapSlot::unpack(&b), Ok(s));
+            assert!(SnapSlot::unpack(&b[..SnapSlot::SIZE - 1]).is_err());
+        }
+        let f = SbFields {
+            version: FORMAT_VERSION,
+            block_size: BLOCK_SIZE as u32,
+            flags: sb.flags,
+            uuid: sb.uuid,
+            layout: sb.layout,
+            meta_used: sb.meta_used,
+            data_used: sb.data_used,
+            root: sb.root,
+            delete_cursor: sb.delete_cursor,
+            next_seq: sb.next_seq,
+            magic: *MAGIC_STR,
+            alloc_hint: sb.alloc_hint,
+        };
+        let mut b = [0xaa; SbFields::SIZE];
+        f.pack(&mut b);
+        assert_eq!(SbFields::unpack(&b), Ok(f));
+        assert!(SbFields::unpack(&b[..SbFields::SIZE - 1]).is_err());
+        let mut short = [0u8; SbFields::SIZE - 1];
+        let mut w = LeWriter::new(&mut short);
+        w.bytes(&b);
+        assert!(!w.fits());
+    }
+
+    /// The encoded block has every field where Documentation/format.md says.
+    #[test]
+    fn encoding_matches_format_md() {
+        let sb = sample();
+        let mut b = [0xaa; BLOCK_SIZE];
+        sb.encode(&mut b, STATE_BLOCK);
+        assert_eq!(header_type(&b), BlockType::State.tag());
+        assert_eq!(header_blocknr(&b), STATE_BLOCK);
+        assert_eq!(header_store_id(&b), sb.store_id);
+        assert_eq!(get32(&b, 32), FORMAT_VERSION);
+        assert_eq!(get32(&b, 36), sb.layout.chunk_sectors);
+        assert_eq!(get32(&b, 40), BLOCK_SIZE as u32);
+        assert_eq!(get32(&b, 44), sb.flags);
+        assert_eq!(b[48..64], sb.uuid);
+        let l = &sb.layout;
+        let areas = [
+            l.total_blocks,
+            l.journal_start,
+            l.journal_blocks,
+            l.meta_bitmap_start,
+            l.meta_bitmap_blocks,
+            l.data_bitmap_start,
+            l.data_bitmap_blocks,
+            l.meta_start,
+            l.meta_blocks,
+            l.data_start,
+            l.data_chunks,
+        ];
+        for (i, v) in areas.into_iter().enumerate() {
+            assert_eq!(get64(&b, 64 + 8 * i), v);
+        }
+        assert_eq!(get64(&b, 160), sb.meta_used);
+        assert_eq!(get64(&b, 168), sb.data_used);
+        assert_eq!(get64(&b, 176), sb.root.block);
+        assert_eq!(get32(&b, 184), sb.root.depth);
+        assert_eq!(get64(&b, 192), sb.delete_cursor);
+        assert_eq!(get64(&b, 200), sb.next_seq);
+        assert_eq!(&b[208..216], MAGIC_STR);
+        assert_eq!(get64(&b, 216), sb.alloc_hint[0]);
+        assert_eq!(get64(&b, 224), sb.alloc_hint[1]);
+        for (i, s) in sb.snaps.iter().enumerate() {
+            let o = 512 + 32 * i;
+            assert_eq!(get32(&b, o), s.id);
+            assert_eq!(get32(&b, o + 4), s.flags);
+            assert_eq!(get64(&b, o + 8), s.create_seq);
+            assert_eq!(get64(&b, o + 16), s.owned);
+        }
+        // Everything else (reserved) is zero.
+        let mut fields = [false; BLOCK_SIZE];
+        let mut mark = |o: usize, n: usize| fields[o..o + n].fill(true);
+        mark(0, 152);
+        mark(160, 28);
+        mark(192, 40);
+        for i in 0..MAX_SNAPSHOTS {
+            mark(512 + 32 * i, 24);
+        }
+        for (i, byte) in b.iter().enumerate() {
+            assert!(fields[i] || *byte == 0, "byte {} not zero", i);
+        }
     }
 }

@@ -159,6 +159,147 @@ pub fn put64(b: &mut [u8], off: usize, v: u64) {
     b[off..off + 8].copy_from_slice(&v.to_le_bytes());
 }
 
+/// Reads little-endian fields one after the other from a byte slice: a structure's layout is
+/// the order of its reads.  Bounds are checked: a field that does not fit in the slice is
+/// an error (`Error::Bug`: on-disk structures have fixed sizes, so it is never corruption).
+#[derive(Debug)]
+pub struct LeReader<'a> {
+    b: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> LeReader<'a> {
+    /// A reader at the start of `b`.
+    pub fn new(b: &'a [u8]) -> Self {
+        LeReader { b, pos: 0 }
+    }
+
+    /// The next `n` bytes (a nested structure, for its own `unpack`).
+    pub fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        let b: &'a [u8] = self.b;
+        let f = self
+            .pos
+            .checked_add(n)
+            .and_then(|end| b.get(self.pos..end))
+            .ok_or(Error::Bug("field beyond the end of its structure"))?;
+        self.pos += n;
+        Ok(f)
+    }
+
+    /// Skips `n` reserved bytes.
+    pub fn skip(&mut self, n: usize) -> Result<()> {
+        self.take(n).map(|_| ())
+    }
+
+    /// Entry `i` of an array of `size`-byte entries starting at the next field.
+    pub fn entry(&mut self, i: usize, size: usize) -> Result<&'a [u8]> {
+        let skip = i
+            .checked_mul(size)
+            .ok_or(Error::Bug("field beyond the end of its structure"))?;
+        self.skip(skip)?;
+        self.take(size)
+    }
+
+    /// The next `N` bytes.
+    pub fn bytes<const N: usize>(&mut self) -> Result<[u8; N]> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+
+    /// The next little-endian u32.
+    pub fn u32(&mut self) -> Result<u32> {
+        self.bytes().map(u32::from_le_bytes)
+    }
+
+    /// The next little-endian u64.
+    pub fn u64(&mut self) -> Result<u64> {
+        self.bytes().map(u64::from_le_bytes)
+    }
+}
+
+/// Writes little-endian fields one after the other into a byte slice, in the order
+/// `LeReader` reads them back.  Bounds are checked: a field that does not fit is not
+/// written (nothing panics) and `fits` turns false: a bug, which the structures' round-trip
+/// tests catch.
+#[derive(Debug)]
+pub struct LeWriter<'a> {
+    b: &'a mut [u8],
+    pos: usize,
+    overrun: bool,
+}
+
+impl<'a> LeWriter<'a> {
+    /// A writer at the start of `b`.
+    pub fn new(b: &'a mut [u8]) -> Self {
+        LeWriter {
+            b,
+            pos: 0,
+            overrun: false,
+        }
+    }
+
+    /// Offset of the next field.
+    pub fn pos(&self) -> usize {
+        self.pos
+    }
+
+    /// Whether every field written so far fit in the slice.
+    pub fn fits(&self) -> bool {
+        !self.overrun
+    }
+
+    /// The next `n` bytes (a nested structure, for its own `pack`); empty if they do not fit.
+    pub fn take(&mut self, n: usize) -> &mut [u8] {
+        let start = self.pos;
+        match start.checked_add(n) {
+            Some(end) if end <= self.b.len() => {
+                self.pos = end;
+                &mut self.b[start..end]
+            }
+            _ => {
+                self.overrun = true;
+                &mut []
+            }
+        }
+    }
+
+    /// Entry `i` of an array of `size`-byte entries starting at the next field; empty if
+    /// it does not fit.
+    pub fn entry(&mut self, i: usize, size: usize) -> &mut [u8] {
+        match i.checked_mul(size) {
+            Some(skip) if self.take(skip).len() == skip => self.take(size),
+            _ => {
+                self.overrun = true;
+                &mut []
+            }
+        }
+    }
+
+    /// Writes `v` as the next bytes.
+    pub fn bytes(&mut self, v: &[u8]) {
+        let f = self.take(v.len());
+        if f.len() == v.len() {
+            f.copy_from_slice(v);
+        }
+    }
+
+    /// Writes `n` zero (reserved) bytes.
+    pub fn zeros(&mut self, n: usize) {
+        self.take(n).fill(0);
+    }
+
+    /// Writes the next little-endian u32.
+    pub fn u32(&mut self, v: u32) {
+        self.bytes(&v.to_le_bytes());
+    }
+
+    /// Writes the next little-endian u64.
+    pub fn u64(&mut self, v: u64) {
+        self.bytes(&v.to_le_bytes());
+    }
+}
+
 // Header layout: crc32c u32 @0 (of bytes 4..), type u32 @4, block number u64 @8,
 // store id u64 @16, type-specific u64 @24.
 const H_CRC: usize = 0;
@@ -179,6 +320,11 @@ pub fn init_header(b: &mut Block, ty: BlockType, nr: u64, store_id: u64) {
 /// Block number recorded in a header.
 pub fn header_blocknr(b: &Block) -> u64 {
     get64(b, H_BLOCKNR)
+}
+
+/// Store id recorded in a header.
+pub fn header_store_id(b: &Block) -> u64 {
+    get64(b, H_STORE_ID)
 }
 
 /// Type tag recorded in a header.

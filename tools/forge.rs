@@ -152,21 +152,22 @@ impl<D: BlockIo> Ctx<'_, D> {
         } else {
             live[rng.gen_range(0..live.len())]
         };
-        let so = 512 + slot * 32;
+        // Forged through the typed encoding: only the field named changes.
+        let mut s = self.sb;
         let near_max = u64::MAX - rng.gen_range(0..4u64);
         let msg = match what {
             "owned" => {
-                put64(&mut b, so + 16, near_max);
+                s.snaps[slot].owned = near_max;
                 format!("slot {} owned counter = {}", slot, near_max)
             }
             "create-seq" => {
-                put64(&mut b, 200, near_max);
+                s.next_seq = near_max;
                 format!("next creation sequence = {}", near_max)
             }
             "cursor" => {
-                put64(&mut b, 192, near_max);
+                s.delete_cursor = near_max;
                 if !live.is_empty() {
-                    put32(&mut b, so + 4, SNAP_DELETING);
+                    s.snaps[slot].flags = SNAP_DELETING;
                 }
                 format!(
                     "deletion cursor = {}, slot {} deleting: {}",
@@ -179,15 +180,16 @@ impl<D: BlockIo> Ctx<'_, D> {
                 let d = self.sb.root.depth;
                 let v = [d + 1, d.saturating_sub(1).max(1), MAX_DEPTH as u32, d + 2]
                     [rng.gen_range(0..4)];
-                put32(&mut b, 184, v);
+                s.root.depth = v;
                 format!("btree depth {} -> {}", d, v)
             }
             _ => {
-                put64(&mut b, 160, self.sb.layout.meta_blocks);
-                put64(&mut b, 168, self.sb.layout.data_chunks);
+                s.meta_used = s.layout.meta_blocks;
+                s.data_used = s.layout.data_chunks;
                 "space counters = area sizes".into()
             }
         };
+        s.encode(&mut b, STATE_BLOCK);
         write(self.io, STATE_BLOCK, &mut b)?;
         Ok(format!("state block 3: {}", msg))
     }
