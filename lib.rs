@@ -22,3 +22,7 @@ pub mod check;
 #[cfg(feature = "std")]
 #[path = "tools/forge.rs"]
 pub mod forge;
+
+#[cfg(feature = "std")]
+#[path = "tools/stream.rs"]
+pub mod stream;
