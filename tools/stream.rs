@@ -482,7 +482,8 @@ pub struct Summary {
     pub stream_bytes: u64,
     /// Records skipped (unknown tags with the may-skip bit).
     pub skipped: u64,
-    /// crc32c of the stream bytes before END.
+    /// The digest: crc32c chained over the preamble and each record before END, each
+    /// without its own crc32c.
     pub digest: u32,
 }
 
@@ -513,9 +514,7 @@ pub struct StreamWriter<W: Write> {
 impl<W: Write> StreamWriter<W> {
     /// Writes the preamble and the header.
     pub fn new(w: W, header: Header) -> io::Result<Self> {
-        header
-            .validate()
-            .map_err(|e| invalid(&format!("{}", e)))?;
+        header.validate().map_err(|e| invalid(&format!("{}", e)))?;
         let mut s = StreamWriter {
             w,
             header,
@@ -526,23 +525,28 @@ impl<W: Write> StreamWriter<W> {
         let mut pre = [0u8; PREAMBLE];
         pre[..8].copy_from_slice(MAGIC);
         pre[8..].copy_from_slice(&VERSION.to_le_bytes());
-        s.put(&pre)?;
+        s.put(&pre, PREAMBLE)?;
         s.record(TAG_HEADER, &header.pack())?;
         Ok(s)
     }
 
-    fn put(&mut self, b: &[u8]) -> io::Result<()> {
+    /// Writes `b`, its first `digested` bytes into the digest.
+    fn put(&mut self, b: &[u8], digested: usize) -> io::Result<()> {
         self.w.write_all(b)?;
-        self.sum.digest = crc32c::crc32c_append(self.sum.digest, b);
+        self.sum.digest = crc32c::crc32c_append(self.sum.digest, &b[..digested]);
         self.sum.stream_bytes += b.len() as u64;
         Ok(())
+    }
+
+    fn put_record(&mut self, rec: &[u8]) -> io::Result<()> {
+        self.put(rec, rec.len() - RECORD_TAIL)
     }
 
     fn record(&mut self, tag: u32, payload: &[u8]) -> io::Result<()> {
         if payload.len() as u64 > MAX_PAYLOAD {
             return Err(invalid("record too long"));
         }
-        self.put(&encode_record(tag, payload))?;
+        self.put_record(&encode_record(tag, payload))?;
         self.sum.records += 1;
         Ok(())
     }
@@ -599,7 +603,7 @@ impl<W: Write> StreamWriter<W> {
         p[32..40].copy_from_slice(&sum.data_bytes.to_le_bytes());
         p[40..48].copy_from_slice(&sum.stream_bytes.to_le_bytes());
         p[48..52].copy_from_slice(&sum.digest.to_le_bytes());
-        self.put(&encode_record(TAG_END, &p))?;
+        self.put_record(&encode_record(TAG_END, &p))?;
         self.w.flush()?;
         Ok((self.w, sum))
     }
@@ -767,7 +771,10 @@ impl<R: Read> StreamReader<R> {
 
     /// Counts a verified record into the digest and the counts.
     fn accept(&mut self, rec: &[u8]) {
-        self.sum.digest = crc32c::crc32c_append(self.sum.digest, rec);
+        // Without the record's crc32c: a record followed by its own valid crc32c leaves a
+        // crc chain where it was, whatever the record holds (the crc residue), so a chain
+        // over whole records would miss a record replaced by another valid one.
+        self.sum.digest = crc32c::crc32c_append(self.sum.digest, &rec[..rec.len() - RECORD_TAIL]);
         self.sum.stream_bytes += rec.len() as u64;
         self.sum.records += 1;
     }
