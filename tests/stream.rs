@@ -594,9 +594,9 @@ fn resume_after_a_cut() {
     let chunks: Vec<u64> = (0..40).filter(|_| rng.gen_bool(0.5)).collect();
     let (bytes, recs) = make(h, &chunks, &mut rng, false);
     let sp = spans(&bytes);
-    for cut_in in 1..sp.len() {
-        // The stream is cut in the middle of record `cut_in`.
-        let cut = (sp[cut_in].0 + sp[cut_in].1) / 2;
+    for &(start, end) in &sp[1..] {
+        // The stream is cut in the middle of a record after the header.
+        let cut = (start + end) / 2;
         let mut r = StreamReader::new(Cursor::new(&bytes[..cut])).unwrap();
         let mut got = Vec::new();
         let err = loop {

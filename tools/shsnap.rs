@@ -1,5 +1,5 @@
 //! `shsnap`: offline tools for a dm-shared-snap COW device, in the spirit of
-//! thin-provisioning-tools: format, check, dump, delta.
+//! thin-provisioning-tools: format, check, dump, delta, verify-stream.
 
 use clap::{Parser, Subcommand};
 use serde::Serialize;
@@ -83,6 +83,38 @@ enum Cmd {
         /// Snapshot id, or "origin".
         b: String,
     },
+    /// Check a replication stream (Documentation/stream.md) record by record; exit 0 only if
+    /// it is whole and valid, 1 naming the first defect, 2 if it cannot be opened.
+    VerifyStream {
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// The stream file, or "-" for standard input.
+        file: String,
+    },
+    /// Write a stream of chunks of a raw image as the target's content (for tests).
+    #[command(hide = true)]
+    MakeStream {
+        /// The image read as the snapshot's content (its size is the origin size).
+        image: String,
+        /// The stream file to write, or "-" for standard output.
+        out: String,
+        /// Chunk size in sectors.
+        #[arg(long, default_value_t = 16)]
+        chunk_sectors: u32,
+        /// Chunks to send: "0,3-5,9" (default: all).
+        #[arg(long)]
+        chunks: Option<String>,
+        /// Store uuid, 32 hex digits (default: random).
+        #[arg(long)]
+        store_uuid: Option<String>,
+        /// Target creation sequence.
+        #[arg(long, default_value_t = 1)]
+        target_seq: u64,
+        /// Base creation sequence (an incremental stream).
+        #[arg(long)]
+        base_seq: Option<u64>,
+    },
     /// Forge one metadata structure with valid checksums (for tests: the store must refuse
     /// or survive it); prints what was forged.  Forges home blocks: close the store first.
     Forge {
@@ -135,8 +167,279 @@ struct DeltaOut {
     chunks: u64,
 }
 
+#[derive(Serialize)]
+struct VerifyOut {
+    good: bool,
+    defect: Option<String>,
+    store_uuid: Option<String>,
+    stream_uuid: Option<String>,
+    target_seq: Option<u64>,
+    target_id: Option<u32>,
+    base_seq: Option<u64>,
+    base_id: Option<u32>,
+    resumes_stream: Option<String>,
+    resumes_seq: Option<u64>,
+    resumes_chunk: Option<u64>,
+    chunk_sectors: Option<u32>,
+    origin_sectors: Option<u64>,
+    records: u64,
+    data_records: u64,
+    skipped: u64,
+    data_bytes: u64,
+    stream_bytes: u64,
+    digest: Option<String>,
+    resume_token: Option<String>,
+}
+
+fn verify_stream(file: &str, json: bool) -> Result<ExitCode, ExitCode> {
+    use shsnap_core::stream::{uuid_str, StreamReader};
+    let input: Box<dyn std::io::Read> = if file == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(std::fs::File::open(file).map_err(|e| {
+            eprintln!("shsnap: {}: {}", file, e);
+            ExitCode::from(2)
+        })?)
+    };
+    let input = std::io::BufReader::with_capacity(1 << 20, input);
+    let mut out = VerifyOut {
+        good: false,
+        defect: None,
+        store_uuid: None,
+        stream_uuid: None,
+        target_seq: None,
+        target_id: None,
+        base_seq: None,
+        base_id: None,
+        resumes_stream: None,
+        resumes_seq: None,
+        resumes_chunk: None,
+        chunk_sectors: None,
+        origin_sectors: None,
+        records: 0,
+        data_records: 0,
+        skipped: 0,
+        data_bytes: 0,
+        stream_bytes: 0,
+        digest: None,
+        resume_token: None,
+    };
+    match StreamReader::new(input) {
+        Err(e) => out.defect = Some(e.to_string()),
+        Ok(mut r) => {
+            let h = *r.header();
+            out.store_uuid = Some(uuid_str(&h.store_uuid));
+            out.stream_uuid = Some(uuid_str(&h.stream_uuid));
+            out.target_seq = Some(h.target.create_seq);
+            out.target_id = Some(h.target.id);
+            out.base_seq = h.base.map(|b| b.create_seq);
+            out.base_id = h.base.map(|b| b.id);
+            out.resumes_stream = h.resume.map(|p| uuid_str(&p.stream_uuid));
+            out.resumes_seq = h.resume.map(|p| p.seq);
+            out.resumes_chunk = h.resume.map(|p| p.chunk);
+            out.chunk_sectors = Some(h.chunk_sectors);
+            out.origin_sectors = Some(h.origin_sectors);
+            loop {
+                match r.next_record() {
+                    Ok(Some(_)) => {}
+                    Ok(None) => {
+                        out.good = true;
+                        break;
+                    }
+                    Err(e) => {
+                        out.defect = Some(e.to_string());
+                        out.resume_token = Some(r.resume_token().to_string());
+                        break;
+                    }
+                }
+            }
+            let s = r.summary();
+            out.records = s.records;
+            out.data_records = s.data_records;
+            out.skipped = s.skipped;
+            out.data_bytes = s.data_bytes;
+            out.stream_bytes = s.stream_bytes;
+            out.digest = out.good.then(|| format!("{:08x}", s.digest));
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&out).unwrap());
+    } else {
+        let o = &out;
+        if let (Some(store), Some(stream)) = (&o.store_uuid, &o.stream_uuid) {
+            println!("store {}", store);
+            println!("stream {}", stream);
+            println!(
+                "target creation sequence {} (id {})",
+                o.target_seq.unwrap_or(0),
+                o.target_id.unwrap_or(0)
+            );
+            match (o.base_seq, o.base_id) {
+                (Some(s), Some(id)) => println!("base creation sequence {} (id {})", s, id),
+                _ => println!("base none (a full stream)"),
+            }
+            if let Some(from) = &o.resumes_stream {
+                println!(
+                    "resumes stream {} at sequence {} chunk {}",
+                    from,
+                    o.resumes_seq.unwrap_or(0),
+                    o.resumes_chunk.unwrap_or(0)
+                );
+            }
+            println!(
+                "chunk {} sectors, origin {} sectors",
+                o.chunk_sectors.unwrap_or(0),
+                o.origin_sectors.unwrap_or(0)
+            );
+        }
+        println!(
+            "{} {} records ({} data, {} skipped), {} data bytes, {} stream bytes{}",
+            if o.good { "verified" } else { "read" },
+            o.records,
+            o.data_records,
+            o.skipped,
+            o.data_bytes,
+            o.stream_bytes,
+            o.digest
+                .as_ref()
+                .map(|d| format!(", digest {}", d))
+                .unwrap_or_default()
+        );
+        if let Some(t) = &o.resume_token {
+            println!("resume token {}", t);
+        }
+    }
+    match &out.defect {
+        None => {
+            if !json {
+                println!("{}: good", file);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(d) => {
+            eprintln!("shsnap: verify-stream {}: {}", file, d);
+            Err(ExitCode::from(1))
+        }
+    }
+}
+
+/// Parses "0,3-5,9" into sorted, distinct chunk numbers.
+fn parse_chunks(s: &str) -> Option<Vec<u64>> {
+    let mut v = Vec::new();
+    for part in s.split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (u64, u64) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+                if b < a || b - a > 1 << 32 {
+                    return None;
+                }
+                v.extend(a..=b);
+            }
+            None => v.push(part.trim().parse().ok()?),
+        }
+    }
+    v.sort_unstable();
+    v.dedup();
+    Some(v)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn make_stream(
+    image: &str,
+    out: &str,
+    chunk_sectors: u32,
+    chunks: Option<&str>,
+    store_uuid: Option<&str>,
+    target_seq: u64,
+    base_seq: Option<u64>,
+) -> Result<ExitCode, ExitCode> {
+    use shsnap_core::stream::{Header, SnapIdentity, StreamWriter};
+    use std::os::unix::fs::FileExt;
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        eprintln!("shsnap: make-stream: {}: {}", what, e);
+        ExitCode::from(2)
+    };
+    let f = std::fs::File::open(image).map_err(|e| fail(image, &e))?;
+    let size = f.metadata().map_err(|e| fail(image, &e))?.len();
+    let store_uuid = match store_uuid {
+        None => rand::random(),
+        Some(s) => {
+            let s = s.replace('-', "");
+            let mut u = [0u8; 16];
+            if s.len() != 32 || !s.is_ascii() {
+                return Err(fail("--store-uuid", &"not 32 hex digits"));
+            }
+            for (i, x) in u.iter_mut().enumerate() {
+                *x = u8::from_str_radix(&s[2 * i..2 * i + 2], 16)
+                    .map_err(|e| fail("--store-uuid", &e))?;
+            }
+            u
+        }
+    };
+    let h = Header {
+        store_uuid,
+        stream_uuid: rand::random::<[u8; 16]>().map(|x| x | 1),
+        chunk_sectors,
+        origin_sectors: size / 512,
+        target: SnapIdentity {
+            create_seq: target_seq,
+            id: 0,
+        },
+        base: base_seq.map(|s| SnapIdentity {
+            create_seq: s,
+            id: 0,
+        }),
+        resume: None,
+    };
+    let list = match chunks {
+        Some(c) => parse_chunks(c).ok_or_else(|| fail("--chunks", &"not a list like 0,3-5"))?,
+        None => (0..h.chunks()).collect(),
+    };
+    let w: Box<dyn std::io::Write> = if out == "-" {
+        Box::new(std::io::stdout().lock())
+    } else {
+        Box::new(std::fs::File::create(out).map_err(|e| fail(out, &e))?)
+    };
+    let w = std::io::BufWriter::with_capacity(1 << 20, w);
+    let mut w = StreamWriter::new(w, h).map_err(|e| fail("header", &e))?;
+    let mut buf = Vec::new();
+    for c in list {
+        let Some(len) = h.chunk_len(c) else {
+            return Err(fail("--chunks", &format!("chunk {} beyond the image", c)));
+        };
+        buf.resize(len, 0);
+        f.read_exact_at(&mut buf, c * chunk_sectors as u64 * 512)
+            .map_err(|e| fail(image, &e))?;
+        w.data(c, &buf).map_err(|e| fail(out, &e))?;
+    }
+    let (_, sum) = w.finish().map_err(|e| fail(out, &e))?;
+    eprintln!(
+        "wrote {} data records, {} data bytes, {} stream bytes",
+        sum.data_records, sum.data_bytes, sum.stream_bytes
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
     match cli.cmd {
+        Cmd::VerifyStream { json, file } => verify_stream(&file, json),
+        Cmd::MakeStream {
+            image,
+            out,
+            chunk_sectors,
+            chunks,
+            store_uuid,
+            target_seq,
+            base_seq,
+        } => make_stream(
+            &image,
+            &out,
+            chunk_sectors,
+            chunks.as_deref(),
+            store_uuid.as_deref(),
+            target_seq,
+            base_seq,
+        ),
         Cmd::Forge {
             dev,
             seed,
