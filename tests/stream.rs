@@ -677,3 +677,55 @@ fn resume_after_a_cut() {
     }
     assert!(ResumeToken::parse(&text[..text.len() - 2]).is_none());
 }
+
+#[test]
+fn verify_stream_command() {
+    let mut rng = SmallRng::seed_from_u64(seed("SHSNAP_STREAM_SEED", 0x5eed_000b));
+    let (bytes, _) = small(&mut rng);
+    let dir = std::env::temp_dir().join(format!("shsnap-stream-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |name: &str, content: &[u8]| {
+        let p = dir.join(name);
+        std::fs::write(&p, content).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_shsnap"))
+            .arg("verify-stream")
+            .arg(&p)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, _) = run("good", &bytes);
+    assert_eq!(code, Some(0), "{}", stdout);
+    assert!(
+        stdout.contains("verified 5 records (3 data, 1 skipped)"),
+        "{}",
+        stdout
+    );
+    assert!(
+        stdout.contains("base creation sequence 4 (id 3)"),
+        "{}",
+        stdout
+    );
+    let mut bad = bytes.clone();
+    bad[1000] ^= 0x10;
+    let (code, stdout, stderr) = run("flipped", &bad);
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("record 1 (byte 140): bad crc32c"),
+        "{}",
+        stderr
+    );
+    assert!(
+        stdout.contains("resume token shsnap-resume-1:"),
+        "{}",
+        stdout
+    );
+    let (code, _, stderr) = run("cut", &bytes[..bytes.len() - 1]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("truncated in record 5"), "{}", stderr);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
