@@ -2,6 +2,8 @@
 //! plain in-memory model of an origin and up to 64 snapshots, crash simulation at every write
 //! and flush boundary, and corruption of every metadata block type.
 
+mod common;
+use common::seed;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use shsnap_core::check;
@@ -16,17 +18,6 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 
 const CHUNKS: u64 = 512;
-
-/// A random seed: from the environment variable `var` if set (to replay a failure), else
-/// `default`; always printed so that any failure can be replayed.
-fn seed(var: &str, default: u64) -> u64 {
-    let s = std::env::var(var)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default);
-    println!("seed: {}={} (set {} to replay)", var, s, var);
-    s
-}
 
 type S = Store<MemDev, VecMem, Box<Super>>;
 

@@ -3,22 +3,13 @@
 //! forged and unknown records, identity checks and resume tokens.  Whatever the damage, the
 //! reader must refuse the stream and return only a prefix of the records written.
 
+mod common;
+use common::seed;
 use rand::rngs::SmallRng;
 use rand::{Rng, RngCore, SeedableRng};
 use shsnap_core::stream::*;
 use std::collections::BTreeMap;
 use std::io::Cursor;
-
-/// A random seed: from the environment variable `var` if set (to replay a failure), else
-/// `default`; always printed so that any failure can be replayed.
-fn seed(var: &str, default: u64) -> u64 {
-    let s = std::env::var(var)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default);
-    println!("seed: {}={} (set {} to replay)", var, s, var);
-    s
-}
 
 const STORE: [u8; 16] = [0x5a; 16];
 
