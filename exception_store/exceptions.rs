@@ -4,7 +4,7 @@
 //! This module gives the typed view the store and the tools use.
 
 use super::format::MAX_SNAPSHOTS;
-use crate::pdata::block::{get64, put64, Block, Result};
+use crate::pdata::block::{Block, LeReader, LeWriter, Result};
 use crate::pdata::btree::{self, Value};
 use crate::pdata::cache::Cached;
 
@@ -26,7 +26,8 @@ pub struct Exception {
 }
 
 /// The value of a leaf entry (the key is the origin chunk): u64 COW chunk, u64 share bitmap.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// (The default, share 0, is invalid: `validate` rejects it.)
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ExceptionValue {
     /// COW data chunk holding the copy.
     pub cow: u64,
@@ -39,16 +40,18 @@ impl Value for ExceptionValue {
     /// Chunks in the COW data area.
     type Context = u64;
 
-    fn pack(&self, out: &mut [u8]) {
-        put64(out, 0, self.cow);
-        put64(out, 8, self.share);
+    #[inline]
+    fn pack(&self, w: &mut LeWriter<'_>) {
+        w.u64(self.cow);
+        w.u64(self.share);
     }
 
-    fn unpack(b: &[u8]) -> Self {
-        ExceptionValue {
-            cow: get64(b, 0),
-            share: get64(b, 8),
-        }
+    #[inline]
+    fn unpack(r: &mut LeReader<'_>) -> Result<Self> {
+        Ok(ExceptionValue {
+            cow: r.u64()?,
+            share: r.u64()?,
+        })
     }
 
     fn sub_key(&self) -> u64 {

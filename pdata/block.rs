@@ -119,12 +119,6 @@ pub trait BlockIo {
     fn crc32c(&self, data: &[u8]) -> u32;
 }
 
-/// Reads a little-endian u16 at `off`.
-#[inline]
-pub fn get16(b: &[u8], off: usize) -> u16 {
-    u16::from_le_bytes([b[off], b[off + 1]])
-}
-
 /// Reads a little-endian u32 at `off`.
 #[inline]
 pub fn get32(b: &[u8], off: usize) -> u32 {
@@ -143,6 +137,7 @@ pub fn get64(b: &[u8], off: usize) -> u64 {
 
 /// Writes a little-endian u16 at `off`.
 #[inline]
+#[cfg_attr(not(feature = "std"), expect(dead_code, reason = "for the tools"))]
 pub fn put16(b: &mut [u8], off: usize, v: u16) {
     b[off..off + 2].copy_from_slice(&v.to_le_bytes());
 }
@@ -170,11 +165,13 @@ pub struct LeReader<'a> {
 
 impl<'a> LeReader<'a> {
     /// A reader at the start of `b`.
+    #[inline]
     pub fn new(b: &'a [u8]) -> Self {
         LeReader { b, pos: 0 }
     }
 
     /// The next `n` bytes (a nested structure, for its own `unpack`).
+    #[inline]
     pub fn take(&mut self, n: usize) -> Result<&'a [u8]> {
         let b: &'a [u8] = self.b;
         let f = self
@@ -187,11 +184,13 @@ impl<'a> LeReader<'a> {
     }
 
     /// Skips `n` reserved bytes.
+    #[inline]
     pub fn skip(&mut self, n: usize) -> Result<()> {
         self.take(n).map(|_| ())
     }
 
     /// Entry `i` of an array of `size`-byte entries starting at the next field.
+    #[inline]
     pub fn entry(&mut self, i: usize, size: usize) -> Result<&'a [u8]> {
         let skip = i
             .checked_mul(size)
@@ -201,18 +200,27 @@ impl<'a> LeReader<'a> {
     }
 
     /// The next `N` bytes.
+    #[inline]
     pub fn bytes<const N: usize>(&mut self) -> Result<[u8; N]> {
         let mut a = [0u8; N];
         a.copy_from_slice(self.take(N)?);
         Ok(a)
     }
 
+    /// The next little-endian u16.
+    #[inline]
+    pub fn u16(&mut self) -> Result<u16> {
+        self.bytes().map(u16::from_le_bytes)
+    }
+
     /// The next little-endian u32.
+    #[inline]
     pub fn u32(&mut self) -> Result<u32> {
         self.bytes().map(u32::from_le_bytes)
     }
 
     /// The next little-endian u64.
+    #[inline]
     pub fn u64(&mut self) -> Result<u64> {
         self.bytes().map(u64::from_le_bytes)
     }
@@ -231,6 +239,7 @@ pub struct LeWriter<'a> {
 
 impl<'a> LeWriter<'a> {
     /// A writer at the start of `b`.
+    #[inline]
     pub fn new(b: &'a mut [u8]) -> Self {
         LeWriter {
             b,
@@ -240,16 +249,19 @@ impl<'a> LeWriter<'a> {
     }
 
     /// Offset of the next field.
+    #[inline]
     pub fn pos(&self) -> usize {
         self.pos
     }
 
     /// Whether every field written so far fit in the slice.
+    #[inline]
     pub fn fits(&self) -> bool {
         !self.overrun
     }
 
     /// The next `n` bytes (a nested structure, for its own `pack`); empty if they do not fit.
+    #[inline]
     pub fn take(&mut self, n: usize) -> &mut [u8] {
         let start = self.pos;
         match start.checked_add(n) {
@@ -266,6 +278,7 @@ impl<'a> LeWriter<'a> {
 
     /// Entry `i` of an array of `size`-byte entries starting at the next field; empty if
     /// it does not fit.
+    #[inline]
     pub fn entry(&mut self, i: usize, size: usize) -> &mut [u8] {
         match i.checked_mul(size) {
             Some(skip) if self.take(skip).len() == skip => self.take(size),
@@ -277,6 +290,7 @@ impl<'a> LeWriter<'a> {
     }
 
     /// Writes `v` as the next bytes.
+    #[inline]
     pub fn bytes(&mut self, v: &[u8]) {
         let f = self.take(v.len());
         if f.len() == v.len() {
@@ -285,16 +299,25 @@ impl<'a> LeWriter<'a> {
     }
 
     /// Writes `n` zero (reserved) bytes.
+    #[inline]
     pub fn zeros(&mut self, n: usize) {
         self.take(n).fill(0);
     }
 
+    /// Writes the next little-endian u16.
+    #[inline]
+    pub fn u16(&mut self, v: u16) {
+        self.bytes(&v.to_le_bytes());
+    }
+
     /// Writes the next little-endian u32.
+    #[inline]
     pub fn u32(&mut self, v: u32) {
         self.bytes(&v.to_le_bytes());
     }
 
     /// Writes the next little-endian u64.
+    #[inline]
     pub fn u64(&mut self, v: u64) {
         self.bytes(&v.to_le_bytes());
     }
@@ -306,8 +329,7 @@ const H_CRC: usize = 0;
 const H_TYPE: usize = 4;
 const H_BLOCKNR: usize = 8;
 const H_STORE_ID: usize = 16;
-/// Offset of the type-specific header word.
-#[cfg_attr(not(feature = "std"), expect(dead_code, reason = "for the tools"))]
+/// Offset of the type-specific header word (btree nodes: their `NodeHeader`).
 pub const H_AUX: usize = 24;
 
 /// Fills in a block's header fields (not the checksum).

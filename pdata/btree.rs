@@ -6,23 +6,17 @@
 //! fixed arrays bounded by `MAX_DEPTH`.
 
 use super::block::{
-    get16, get64, put16, put64, Block, BlockType, Error, Result, BLOCK_SIZE, HEADER_SIZE,
+    Block, BlockType, Error, LeReader, LeWriter, Result, BLOCK_SIZE, HEADER_SIZE, H_AUX,
 };
 use super::cache::Cached;
 
 /// Deepest btree accepted (root at level `depth - 1`, leaves at level 0).
 pub const MAX_DEPTH: usize = 10;
 
-/// Offset of the entry count (u16) in a node header.
-const N_COUNT: usize = 24;
-/// Offset of the node level (u16, 0 = leaf) in a node header.
-const N_LEVEL: usize = 26;
-
 /// Size of a leaf key (u64).
 const KEY_SIZE: usize = 8;
-const INTERNAL_ENTRY: usize = 16;
 /// Children per internal node.
-pub const INTERNAL_CAP: usize = (BLOCK_SIZE - HEADER_SIZE) / INTERNAL_ENTRY;
+pub const INTERNAL_CAP: usize = (BLOCK_SIZE - HEADER_SIZE) / InternalEntry::SIZE;
 
 /// The type of the values a tree holds in its leaves, as the kernel's
 /// `struct dm_btree_value_type`: its packed size and how it is packed, ordered and validated.
@@ -31,15 +25,18 @@ pub const INTERNAL_CAP: usize = (BLOCK_SIZE - HEADER_SIZE) / INTERNAL_ENTRY;
 /// (a multimap, up to what `validate_same_key` accepts): entries are sorted by
 /// (key, `sub_key`), which must be unique, and all entries of one key stay in one leaf.  A
 /// plain map returns 0 from `sub_key`.
-pub trait Value: Copy {
+///
+/// `Default` is what an entry beyond the end of its block reads as (a bug: entries are
+/// read below the count, which validation bounds by the capacity); nothing panics.
+pub trait Value: Copy + Default {
     /// Packed size in bytes.
     const SIZE: usize;
     /// What `validate` needs to know (the range of valid pointers, ...).
     type Context: ?Sized;
-    /// Writes the value into `out` (`SIZE` bytes).
-    fn pack(&self, out: &mut [u8]);
-    /// Reads a value from `b` (`SIZE` bytes); `validate` judges it.
-    fn unpack(b: &[u8]) -> Self;
+    /// Writes the value as the next `SIZE` bytes of `w`.
+    fn pack(&self, w: &mut LeWriter<'_>);
+    /// Reads a value from the next `SIZE` bytes of `r`; `validate` judges it.
+    fn unpack(r: &mut LeReader<'_>) -> Result<Self>;
     /// Order of the entries of one key.
     fn sub_key(&self) -> u64;
     /// Checks one value read from disk.
@@ -104,25 +101,63 @@ pub trait NodeStore {
     fn meta_free(&self) -> u64;
 }
 
+/// The node fields of a block header (its type-specific word, at `H_AUX`): u16 entry
+/// count, u16 level (0 = leaf), then 4 reserved bytes, which `pack` leaves as they are.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct NodeHeader {
+    count: u16,
+    level: u16,
+}
+
+impl NodeHeader {
+    #[inline]
+    fn pack(&self, b: &mut Block) {
+        let mut w = LeWriter::new(&mut b[H_AUX..HEADER_SIZE]);
+        w.u16(self.count);
+        w.u16(self.level);
+        debug_assert!(w.fits());
+    }
+
+    /// The header of `b` (its bounds are constant: it cannot fail).
+    #[inline]
+    fn unpack(b: &Block) -> NodeHeader {
+        Self::read(&mut LeReader::new(&b[H_AUX..HEADER_SIZE])).unwrap_or_default()
+    }
+
+    #[inline]
+    fn read(r: &mut LeReader<'_>) -> Result<NodeHeader> {
+        Ok(NodeHeader {
+            count: r.u16()?,
+            level: r.u16()?,
+        })
+    }
+}
+
 /// Number of entries in a node.
+#[inline]
 pub fn count(b: &Block) -> usize {
-    get16(b, N_COUNT) as usize
+    NodeHeader::unpack(b).count as usize
 }
 
 /// Sets the entry count of a node (bulk builders: `shsnap-bench populate`).
+#[inline]
 pub fn set_count(b: &mut Block, n: usize) {
-    put16(b, N_COUNT, n as u16);
+    let h = NodeHeader {
+        count: n as u16,
+        ..NodeHeader::unpack(b)
+    };
+    h.pack(b);
 }
 
 /// Level of a node (0 = leaf).
+#[inline]
 pub fn level(b: &Block) -> u16 {
-    get16(b, N_LEVEL)
+    NodeHeader::unpack(b).level
 }
 
 /// Initialises the node-specific header fields.
 pub fn init_node(b: &mut Block, level: u16) {
-    set_count(b, 0);
-    put16(b, N_LEVEL, level);
+    NodeHeader { count: 0, level }.pack(b);
 }
 
 /// Type of a node at `level`.
@@ -134,51 +169,163 @@ pub fn node_type(level: u16) -> BlockType {
     }
 }
 
+/// A leaf entry: u64 key, then the value (`V::SIZE` bytes).  Entries follow the block
+/// header, `leaf_entry_size::<V>()` bytes each.
+#[derive(Debug, Clone, Copy, Default)]
+struct LeafEntry<V: Value> {
+    key: u64,
+    value: V,
+}
+
+impl<V: Value> LeafEntry<V> {
+    #[inline]
+    fn pack(&self, out: &mut [u8]) {
+        let mut w = LeWriter::new(out);
+        w.u64(self.key);
+        self.value.pack(&mut w);
+        debug_assert!(w.fits() && w.pos() == leaf_entry_size::<V>());
+    }
+
+    #[inline]
+    fn unpack(b: &[u8]) -> Result<Self> {
+        let mut r = LeReader::new(b);
+        Ok(LeafEntry {
+            key: r.u64()?,
+            value: V::unpack(&mut r)?,
+        })
+    }
+
+    /// Only the key (the first field of `unpack`): what searches compare.
+    #[inline]
+    fn key(b: &[u8]) -> Result<u64> {
+        LeReader::new(b).u64()
+    }
+
+    /// The bytes of leaf entry `i` of `b`.
+    #[inline]
+    fn at(b: &Block, i: usize) -> Result<&[u8]> {
+        LeReader::new(&b[HEADER_SIZE..]).entry(i, leaf_entry_size::<V>())
+    }
+
+    /// Writes this as leaf entry `i` of `b`.
+    #[inline]
+    fn pack_at(&self, b: &mut Block, i: usize) {
+        let mut table = LeWriter::new(&mut b[HEADER_SIZE..]);
+        self.pack(table.entry(i, leaf_entry_size::<V>()));
+        debug_assert!(table.fits());
+    }
+}
+
 /// Byte offset of leaf entry `i`.
 fn leaf_off<V: Value>(i: usize) -> usize {
     HEADER_SIZE + i * leaf_entry_size::<V>()
 }
 
-/// Key of leaf entry `i`.
+/// Key of leaf entry `i` (0 beyond the block: see `Value`).
+#[inline]
 pub fn leaf_key<V: Value>(b: &Block, i: usize) -> u64 {
-    get64(b, leaf_off::<V>(i))
+    LeafEntry::<V>::at(b, i)
+        .and_then(LeafEntry::<V>::key)
+        .unwrap_or(0)
+}
+
+/// Key and value of leaf entry `i` (zero key and default value beyond the block).
+#[inline]
+fn leaf_unpack<V: Value>(b: &Block, i: usize) -> LeafEntry<V> {
+    LeafEntry::<V>::at(b, i)
+        .and_then(LeafEntry::unpack)
+        .unwrap_or_default()
 }
 
 /// Value of leaf entry `i`.
+#[inline]
 pub fn leaf_value<V: Value>(b: &Block, i: usize) -> V {
-    let o = leaf_off::<V>(i) + KEY_SIZE;
-    V::unpack(&b[o..o + V::SIZE])
+    leaf_unpack::<V>(b, i).value
 }
 
 /// Key and value of leaf entry `i`.
+#[inline]
 pub fn leaf_entry<V: Value>(b: &Block, i: usize) -> (u64, V) {
-    (leaf_key::<V>(b, i), leaf_value::<V>(b, i))
+    let e = leaf_unpack::<V>(b, i);
+    (e.key, e.value)
 }
 
 /// Writes key and value of leaf entry `i` (the count is set apart: `set_count`).
+#[inline]
 pub fn set_leaf_entry<V: Value>(b: &mut Block, i: usize, key: u64, v: &V) {
-    let o = leaf_off::<V>(i);
-    put64(b, o, key);
-    set_leaf_value(b, i, v);
+    LeafEntry { key, value: *v }.pack_at(b, i);
 }
 
-/// Writes the value of leaf entry `i`.
+/// Writes the value of leaf entry `i` (its key is written back as it is).
+#[inline]
 pub fn set_leaf_value<V: Value>(b: &mut Block, i: usize, v: &V) {
-    let o = leaf_off::<V>(i) + KEY_SIZE;
-    v.pack(&mut b[o..o + V::SIZE]);
+    set_leaf_entry(b, i, leaf_key::<V>(b, i), v);
 }
 
-/// Key and child of internal entry `i`.
+/// An internal node entry: u64 key (the smallest key under the child; 0 in the first entry),
+/// u64 child block.  Entries follow the block header, `SIZE` bytes each.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct InternalEntry {
+    key: u64,
+    child: u64,
+}
+
+impl InternalEntry {
+    const SIZE: usize = 16;
+
+    #[inline]
+    fn pack(&self, out: &mut [u8]) {
+        let mut w = LeWriter::new(out);
+        w.u64(self.key);
+        w.u64(self.child);
+        debug_assert!(w.fits() && w.pos() == Self::SIZE);
+    }
+
+    #[inline]
+    fn unpack(b: &[u8]) -> Result<Self> {
+        let mut r = LeReader::new(b);
+        Ok(InternalEntry {
+            key: r.u64()?,
+            child: r.u64()?,
+        })
+    }
+
+    /// Only the key (the first field of `unpack`): what searches compare.
+    #[inline]
+    fn key(b: &[u8]) -> Result<u64> {
+        LeReader::new(b).u64()
+    }
+
+    /// The bytes of internal entry `i` of `b`.
+    #[inline]
+    fn at(b: &Block, i: usize) -> Result<&[u8]> {
+        LeReader::new(&b[HEADER_SIZE..]).entry(i, Self::SIZE)
+    }
+}
+
+/// Key of internal entry `i` (0 beyond the block).
+#[inline]
+fn internal_key(b: &Block, i: usize) -> u64 {
+    InternalEntry::at(b, i)
+        .and_then(InternalEntry::key)
+        .unwrap_or(0)
+}
+
+/// Key and child of internal entry `i` (zeros beyond the block).
+#[inline]
 pub fn internal_entry(b: &Block, i: usize) -> (u64, u64) {
-    let o = HEADER_SIZE + i * INTERNAL_ENTRY;
-    (get64(b, o), get64(b, o + 8))
+    let e = InternalEntry::at(b, i)
+        .and_then(InternalEntry::unpack)
+        .unwrap_or_default();
+    (e.key, e.child)
 }
 
 /// Writes key and child of internal entry `i` (the count is set apart: `set_count`).
+#[inline]
 pub fn set_internal_entry(b: &mut Block, i: usize, key: u64, child: u64) {
-    let o = HEADER_SIZE + i * INTERNAL_ENTRY;
-    put64(b, o, key);
-    put64(b, o + 8, child);
+    let mut table = LeWriter::new(&mut b[HEADER_SIZE..]);
+    InternalEntry { key, child }.pack(table.entry(i, InternalEntry::SIZE));
+    debug_assert!(table.fits());
 }
 
 /// Structural validation of a node just read: level, count, ordering, child range, and the
@@ -236,7 +383,7 @@ pub fn validate_node<V: Value>(
             if !child_ok(c) {
                 return corrupt("child pointer outside the metadata area");
             }
-            if i > 0 && internal_entry(b, i - 1).0 >= k {
+            if i > 0 && internal_key(b, i - 1) >= k {
                 return corrupt("internal keys out of order");
             }
         }
@@ -251,7 +398,7 @@ fn child_index(b: &Block, key: u64) -> usize {
     // largest i with key_i <= key; 0 if none
     while lo + 1 < hi {
         let mid = (lo + hi) / 2;
-        if internal_entry(b, mid).0 <= key {
+        if internal_key(b, mid) <= key {
             lo = mid;
         } else {
             hi = mid;
@@ -355,7 +502,7 @@ fn descend<V: Value>(
             (_, 0) => (lo, lo),
             (0, _) => (leaf_key::<V>(b, 0), leaf_key::<V>(b, n - 1)),
             (_, 1) => (lo, lo),
-            _ => (internal_entry(b, 1).0, internal_entry(b, n - 1).0),
+            _ => (internal_key(b, 1), internal_key(b, n - 1)),
         };
         if !in_range(first) || !in_range(last) || (lvl > 0 && n > 1 && first == lo) {
             return Err(Error::Corrupt {
@@ -369,10 +516,10 @@ fn descend<V: Value>(
         }
         let i = child_index(b, key);
         if i + 1 < n {
-            path.upper = Some(internal_entry(b, i + 1).0);
+            path.upper = Some(internal_key(b, i + 1));
         }
         if i > 0 {
-            lo = internal_entry(b, i).0;
+            lo = internal_key(b, i);
         }
         let child = internal_entry(b, i).1;
         path.nodes[path.len] = (blk, slot, i);
@@ -467,7 +614,7 @@ fn insert_parent(
         }
         set_count(r, n - split);
         set_count(l, split);
-        let sep = internal_entry(r, 0).0;
+        let sep = internal_key(r, 0);
         if idx + 1 >= split {
             internal_insert_at(r, idx + 1 - split, key, child);
         } else {
@@ -494,8 +641,11 @@ fn insert_parent(
 
 fn internal_insert_at(b: &mut Block, pos: usize, key: u64, child: u64) {
     let n = count(b);
-    let o = HEADER_SIZE + pos * INTERNAL_ENTRY;
-    b.copy_within(o..HEADER_SIZE + n * INTERNAL_ENTRY, o + INTERNAL_ENTRY);
+    let o = HEADER_SIZE + pos * InternalEntry::SIZE;
+    b.copy_within(
+        o..HEADER_SIZE + n * InternalEntry::SIZE,
+        o + InternalEntry::SIZE,
+    );
     set_internal_entry(b, pos, key, child);
     set_count(b, n + 1);
 }
@@ -545,8 +695,11 @@ pub fn prune(ns: &mut impl NodeStore, root: &mut Root, path: &Path) -> Result<()
         ns.free_node(victim)?;
         let b = ns.nb_mut(pslot);
         let n = count(b);
-        let o = HEADER_SIZE + idx * INTERNAL_ENTRY;
-        b.copy_within(o + INTERNAL_ENTRY..HEADER_SIZE + n * INTERNAL_ENTRY, o);
+        let o = HEADER_SIZE + idx * InternalEntry::SIZE;
+        b.copy_within(
+            o + InternalEntry::SIZE..HEADER_SIZE + n * InternalEntry::SIZE,
+            o,
+        );
         set_count(b, n - 1);
         if n - 1 > 0 {
             break;
@@ -584,17 +737,17 @@ mod tests {
 
     /// A toy value: a u32 that orders the entries of one key; 0 is invalid, and a key may
     /// hold at most 4 values.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
     struct Toy(u32);
 
     impl Value for Toy {
         const SIZE: usize = 4;
         type Context = ();
-        fn pack(&self, out: &mut [u8]) {
-            out.copy_from_slice(&self.0.to_le_bytes());
+        fn pack(&self, w: &mut LeWriter<'_>) {
+            w.u32(self.0);
         }
-        fn unpack(b: &[u8]) -> Self {
-            Toy(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        fn unpack(r: &mut LeReader<'_>) -> Result<Self> {
+            r.u32().map(Toy)
         }
         fn sub_key(&self) -> u64 {
             self.0 as u64
@@ -779,6 +932,38 @@ mod tests {
         assert_eq!(root.depth, 1);
         assert_eq!(count(m.nb(root.block as usize)), 0);
         assert_eq!(m.in_use(), 1, "only the empty root leaf is left");
+    }
+
+    /// The node layout of Documentation/format.md, byte by byte (independent of the
+    /// pack/unpack code it checks).
+    #[test]
+    fn node_layout_is_the_documented_one() {
+        let mut b = [0u8; BLOCK_SIZE];
+        init_node(&mut b, 3);
+        set_count(&mut b, 0x1234);
+        assert_eq!(b[24..32], [0x34, 0x12, 3, 0, 0, 0, 0, 0]);
+        assert_eq!((count(&b), level(&b)), (0x1234, 3));
+        set_internal_entry(&mut b, 2, 0x0102_0304_0506_0708, 0x1112_1314_1516_1718);
+        assert_eq!(b[64..72], 0x0102_0304_0506_0708u64.to_le_bytes());
+        assert_eq!(b[72..80], 0x1112_1314_1516_1718u64.to_le_bytes());
+        assert_eq!(
+            internal_entry(&b, 2),
+            (0x0102_0304_0506_0708, 0x1112_1314_1516_1718)
+        );
+        let mut b = [0u8; BLOCK_SIZE];
+        set_leaf_entry(&mut b, 2, 0xa1a2_a3a4_a5a6_a7a8, &Toy(0xb1b2_b3b4));
+        let o = HEADER_SIZE + 2 * 12;
+        assert_eq!(b[o..o + 8], 0xa1a2_a3a4_a5a6_a7a8u64.to_le_bytes());
+        assert_eq!(b[o + 8..o + 12], 0xb1b2_b3b4u32.to_le_bytes());
+        assert_eq!(
+            leaf_entry::<Toy>(&b, 2),
+            (0xa1a2_a3a4_a5a6_a7a8, Toy(0xb1b2_b3b4))
+        );
+        set_leaf_value(&mut b, 2, &Toy(9));
+        assert_eq!(leaf_entry::<Toy>(&b, 2), (0xa1a2_a3a4_a5a6_a7a8, Toy(9)));
+        // Beyond the block: zeros, no panic.
+        assert_eq!(leaf_entry::<Toy>(&b, leaf_cap::<Toy>() + 1), (0, Toy(0)));
+        assert_eq!(internal_entry(&b, INTERNAL_CAP), (0, 0));
     }
 
     #[test]

@@ -18,9 +18,8 @@ use super::block::*;
 pub use super::cache::MAX_TX_BLOCKS;
 use super::cache::{Cache, CacheMem};
 
-const D_SEQ: usize = 32;
-const D_COUNT: usize = 40;
-const D_ENTRIES: usize = 48;
+/// Offset of a descriptor's entry table: after the block header and `DescHead`.
+const D_ENTRIES: usize = HEADER_SIZE + DescHead::SIZE;
 const D_ENTRY: usize = 16;
 
 /// The two journal header copies (blocks 1 and 2).
@@ -33,6 +32,37 @@ pub struct Region {
     pub start: u64,
     /// Journal length in blocks.
     pub blocks: u64,
+}
+
+/// The fields of a descriptor after its block header: u64 sequence number, u32 count of
+/// images (and entries), 4 reserved bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DescHead {
+    seq: u64,
+    count: u32,
+}
+
+impl DescHead {
+    /// Bytes on disk.
+    const SIZE: usize = 16;
+
+    /// Packs into descriptor `d`.
+    fn pack(&self, d: &mut Block) {
+        let mut w = LeWriter::new(&mut d[HEADER_SIZE..D_ENTRIES]);
+        w.u64(self.seq);
+        w.u32(self.count);
+        w.zeros(4);
+        debug_assert!(w.fits() && w.pos() == Self::SIZE);
+    }
+
+    /// The head of descriptor `d`.
+    fn unpack(d: &Block) -> Result<Self> {
+        let mut r = LeReader::new(&d[HEADER_SIZE..D_ENTRIES]);
+        Ok(DescHead {
+            seq: r.u64()?,
+            count: r.u32()?,
+        })
+    }
 }
 
 /// One entry of a descriptor: the home block of an image and the crc32c of the whole image.
@@ -215,8 +245,11 @@ pub fn commit<M: CacheMem>(
     let desc = &mut desc[0];
     desc.fill(0);
     init_header(desc, BlockType::JournalDesc, dloc, store_id);
-    put64(desc, D_SEQ, j.seq);
-    put32(desc, D_COUNT, n as u32);
+    DescHead {
+        seq: j.seq,
+        count: n as u32,
+    }
+    .pack(desc);
     let mut i = 0usize;
     for (b, s) in blocks.iter_mut().zip(slots.iter()) {
         if !Cache::<M>::slot_dirty(s) {
@@ -296,12 +329,16 @@ fn check_tx(
 ) -> Result<TxCheck> {
     let dloc = j.loc(off);
     io.read_block(dloc, d)?;
-    if check_header(io, d, BlockType::JournalDesc, dloc, store_id).is_err()
-        || get64(d, D_SEQ) != seq
-    {
+    if check_header(io, d, BlockType::JournalDesc, dloc, store_id).is_err() {
         return Ok(TxCheck::End);
     }
-    let n = get32(d, D_COUNT);
+    let DescHead {
+        seq: dseq,
+        count: n,
+    } = DescHead::unpack(d)?;
+    if dseq != seq {
+        return Ok(TxCheck::End);
+    }
     if n == 0 || n as usize > MAX_TX_BLOCKS {
         return Err(Error::Corrupt {
             block: dloc,
@@ -400,7 +437,7 @@ fn torn_is_last(
     d: &mut Block,
     b: &mut Block,
 ) -> Result<()> {
-    let n = get32(d, D_COUNT) as u64;
+    let n = DescHead::unpack(d)?.count as u64;
     if let TxCheck::Valid(_) = check_tx(io, j, home_ok, store_id, j.off + n + 1, j.seq + 1, d, b)? {
         return Err(Error::Corrupt {
             block: j.loc(j.off),
@@ -460,6 +497,30 @@ mod tests {
     use super::*;
 
     const STORE: u64 = 0x10c;
+
+    /// The descriptor layout of Documentation/format.md, byte by byte.
+    #[test]
+    fn descriptor_layout_is_the_documented_one() {
+        let mut d = [0xffu8; BLOCK_SIZE];
+        DescHead {
+            seq: 0x0102_0304_0506_0708,
+            count: 0x1112_1314,
+        }
+        .pack(&mut d);
+        DescEntry {
+            home: 0x2122_2324_2526_2728,
+            crc: 0x3132_3334,
+        }
+        .pack(&mut d, 1);
+        assert_eq!(d[32..40], 0x0102_0304_0506_0708u64.to_le_bytes());
+        assert_eq!(d[40..48], [0x14, 0x13, 0x12, 0x11, 0, 0, 0, 0]);
+        assert_eq!(d[64..72], 0x2122_2324_2526_2728u64.to_le_bytes());
+        assert_eq!(d[72..80], [0x34, 0x33, 0x32, 0x31, 0, 0, 0, 0]);
+        let h = DescHead::unpack(&d).unwrap();
+        assert_eq!((h.seq, h.count), (0x0102_0304_0506_0708, 0x1112_1314));
+        let e = DescEntry::unpack(&d, 1).unwrap();
+        assert_eq!((e.home, e.crc), (0x2122_2324_2526_2728, 0x3132_3334));
+    }
     const REGION: Region = Region {
         start: 4,
         blocks: 2 * (MAX_TX_BLOCKS as u64 + 1) + 2,
