@@ -193,9 +193,10 @@ impl<'a> CopyBatch<'a> {
         n: u64,
     ) {
         // SAFETY: the copier is live (Copier invariant) and used only through this batch,
-        // which holds it mutably; both devices stay open as long as the batch (borrowed for
-        // 'a) and the batch runs every queued copy before it goes; dm-io allocates from its
-        // mempools, so the call cannot fail.
+        // which holds it mutably; both devices are borrowed for 'a, so they stay open while
+        // the batch exists, and a queued copy runs only inside a call on this batch (when
+        // the queue is full, or `wait`); dropping the batch discards what is left.  dm-io
+        // allocates from its mempools, so the call cannot fail.
         unsafe {
             ffi::dmss_copy(
                 self.copier.0.as_ptr(),

@@ -76,10 +76,10 @@ impl<T: WorkHandler> Worker<T> {
             return Err(EINVAL);
         }
         let p = &**ctx as *const T as *mut c_void;
-        // SAFETY: allocation of the C worker; `run` receives `p` only while the worker
-        // exists, and the worker lies inside `*ctx` (checked above), which sits in an `Arc`
-        // and so does not move; it is destroyed by `shutdown` (at the latest when the worker,
-        // a field of `T`, is dropped, before `T`'s memory is freed).
+        // SAFETY: `run` dereferences `p` only while the C worker exists.  The worker lies
+        // inside `*ctx` (checked above), which sits in an `Arc` and so does not move, and
+        // `T`'s `Drop` shuts the worker down before any other field goes (the `WorkHandler`
+        // contract), so `p` points to a live `T` whenever `run` is called.
         let cw = unsafe { ffi::dmss_worker_create(Self::run, p) };
         if cw.is_null() {
             return Err(ENOMEM);
