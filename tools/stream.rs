@@ -920,10 +920,13 @@ pub struct ResumeToken {
 }
 
 const TOKEN_PREFIX: &str = "shsnap-resume-1:";
-const TOKEN_LEN: usize = 84;
+/// Bytes of a resume token (its text form is the prefix and their hex).
+pub const TOKEN_LEN: usize = 84;
 
 impl ResumeToken {
-    fn bytes(&self) -> [u8; TOKEN_LEN] {
+    /// The 84 bytes of the token, crc32c included (what `shsnap receive` stores as the
+    /// origin's receive progress).
+    pub fn to_bytes(&self) -> [u8; TOKEN_LEN] {
         let mut b = [0u8; TOKEN_LEN];
         b[0..16].copy_from_slice(&self.store_uuid);
         b[16..32].copy_from_slice(&self.stream_uuid);
@@ -948,18 +951,25 @@ impl ResumeToken {
         for (i, x) in b.iter_mut().enumerate() {
             *x = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
         }
-        if crc32c::crc32c(&b[..80]) != get32(&b, 80) || get32(&b, 76) != 0 {
+        Self::from_bytes(&b)
+    }
+
+    /// Decodes the bytes `to_bytes` makes; None if their length, crc32c or reserved field
+    /// is wrong.
+    pub fn from_bytes(b: &[u8]) -> Option<ResumeToken> {
+        if b.len() != TOKEN_LEN || crc32c::crc32c(&b[..80]) != get32(b, 80) || get32(b, 76) != 0
+        {
             return None;
         }
         Some(ResumeToken {
-            store_uuid: get16b(&b, 0),
-            stream_uuid: get16b(&b, 16),
-            target_seq: get64(&b, 32),
-            base_seq: get64(&b, 40),
-            next_seq: get64(&b, 48),
-            next_chunk: get64(&b, 56),
-            origin_sectors: get64(&b, 64),
-            chunk_sectors: get32(&b, 72),
+            store_uuid: get16b(b, 0),
+            stream_uuid: get16b(b, 16),
+            target_seq: get64(b, 32),
+            base_seq: get64(b, 40),
+            next_seq: get64(b, 48),
+            next_chunk: get64(b, 56),
+            origin_sectors: get64(b, 64),
+            chunk_sectors: get32(b, 72),
         })
     }
 }
@@ -967,7 +977,7 @@ impl ResumeToken {
 impl fmt::Display for ResumeToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(TOKEN_PREFIX)?;
-        for x in self.bytes() {
+        for x in self.to_bytes() {
             write!(f, "{:02x}", x)?;
         }
         Ok(())
