@@ -550,6 +550,33 @@ fn writer_refuses_invalid_streams() {
 }
 
 #[test]
+fn resumed_sequence_numbers_do_not_wrap() {
+    // A resumed header whose sequence numbers would wrap before the last chunk: refused
+    // (the reader and the writer count them on, with overflow checks).
+    let mut h = header(1, 8, 64, false);
+    let chunks = h.chunks();
+    for (seq, ok) in [(u64::MAX - chunks, true), (u64::MAX - chunks + 1, false)] {
+        h.resume = Some(ResumePoint {
+            stream_uuid: [2; 16],
+            seq,
+            chunk: 0,
+        });
+        let res = Header::unpack(&h.pack());
+        if ok {
+            assert_eq!(res, Ok(h));
+        } else {
+            assert_eq!(
+                res,
+                Err(StreamError::BadHeader {
+                    reason: "resume sequence number out of range"
+                })
+            );
+            assert!(StreamWriter::new(Vec::new(), h).is_err());
+        }
+    }
+}
+
+#[test]
 fn identity_checks() {
     let mut rng = SmallRng::seed_from_u64(seed("SHSNAP_STREAM_SEED", 0x5eed_0009));
     let (bytes, _) = small(&mut rng);

@@ -409,6 +409,11 @@ impl Header {
             if r.chunk >= self.chunks() {
                 return bad("resume chunk beyond the origin");
             }
+            // The sequence numbers of the stream's DATA records (at most one per chunk)
+            // must not wrap: reader and writer count them on.
+            if r.seq.checked_add(self.chunks()).is_none() {
+                return bad("resume sequence number out of range");
+            }
         }
         Ok(())
     }
