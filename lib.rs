@@ -26,3 +26,7 @@ pub mod forge;
 #[cfg(feature = "std")]
 #[path = "tools/stream.rs"]
 pub mod stream;
+
+#[cfg(feature = "std")]
+#[path = "tools/replicate.rs"]
+pub mod replicate;

@@ -1,5 +1,6 @@
 //! `shsnap`: offline tools for a dm-shared-snap COW device, in the spirit of
-//! thin-provisioning-tools: format, check, dump, delta, verify-stream.
+//! thin-provisioning-tools: format, check, dump, delta, verify-stream; and the replication
+//! of a live origin's snapshots: send, receive (`tools/replicate.rs`).
 
 use clap::{Parser, Subcommand};
 use serde::Serialize;
@@ -7,6 +8,7 @@ use shsnap_core::check::{self, Report};
 use shsnap_core::exception_store::format::BLOCK_SIZE;
 use shsnap_core::exception_store::{format, FormatParams};
 use shsnap_core::host::FileDev;
+use shsnap_core::replicate;
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -91,6 +93,37 @@ enum Cmd {
         json: bool,
         /// The stream file, or "-" for standard input.
         file: String,
+    },
+    /// Write a snapshot of a live origin as a replication stream (Documentation/stream.md,
+    /// "send and receive"): full, incremental (--base), or resumed from a token.
+    Send {
+        /// The shared-origin device: a dm name or /dev/mapper/NAME.
+        origin: String,
+        /// The snapshot to send (its id).
+        #[arg(long, value_name = "ID", required_unless_present = "resume")]
+        snap: Option<u32>,
+        /// Send only the chunks that differ from this older snapshot (an incremental stream).
+        #[arg(long, value_name = "ID")]
+        base: Option<u32>,
+        /// Continue an interrupted transfer from the token `shsnap receive` printed.
+        #[arg(long, value_name = "TOKEN")]
+        resume: Option<String>,
+        /// Write the stream to FILE instead of standard output (which must not be a terminal).
+        #[arg(short = 'o', long = "output", value_name = "FILE")]
+        output: Option<String>,
+    },
+    /// Apply a replication stream read on standard input to a secondary origin, then take
+    /// the replica snapshot; exit 1 on a refusal or a defect (with a resume token).
+    Receive {
+        /// The secondary's shared-origin device: a dm name or /dev/mapper/NAME.
+        secondary: String,
+        /// Print the replicas' source store, the newest replica and the pending resume
+        /// token, and exit (standard input is not read).
+        #[arg(long)]
+        query: bool,
+        /// Receive a full stream even if the replicas here are of another store.
+        #[arg(long)]
+        force: bool,
     },
     /// Write a stream of chunks of a raw image as the target's content (for tests).
     #[command(hide = true)]
@@ -420,8 +453,78 @@ fn make_stream(
     Ok(ExitCode::SUCCESS)
 }
 
+fn send(args: replicate::SendArgs) -> Result<ExitCode, ExitCode> {
+    match replicate::send(&args) {
+        Ok(report) => {
+            eprintln!("shsnap send: {}", report);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("shsnap send: {}", e);
+            Err(ExitCode::from(1))
+        }
+    }
+}
+
+fn receive(secondary: &str, query: bool, force: bool) -> Result<ExitCode, ExitCode> {
+    use replicate::ReceiveError;
+    if query {
+        return match replicate::query(secondary) {
+            Ok(q) => {
+                println!("{}", q);
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("shsnap receive: {}", e);
+                Err(ExitCode::from(1))
+            }
+        };
+    }
+    let input = std::io::BufReader::with_capacity(1 << 20, std::io::stdin().lock());
+    let token = match replicate::receive(secondary, force, input) {
+        Ok(report) => {
+            println!("{}", report);
+            return Ok(ExitCode::SUCCESS);
+        }
+        Err(ReceiveError::Refused(why)) => {
+            eprintln!("shsnap receive: refused: {}", why);
+            None
+        }
+        Err(ReceiveError::Defect { defect, token }) => {
+            eprintln!("shsnap receive: {}", defect);
+            token
+        }
+        Err(ReceiveError::Failed { what, token }) => {
+            eprintln!("shsnap receive: {}", what);
+            token
+        }
+    };
+    if let Some(t) = token {
+        eprintln!("shsnap receive: resume token: {}", t);
+    }
+    Err(ExitCode::from(1))
+}
+
 fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
     match cli.cmd {
+        Cmd::Send {
+            origin,
+            snap,
+            base,
+            resume,
+            output,
+        } => send(replicate::SendArgs {
+            origin,
+            snap,
+            base,
+            resume,
+            output,
+        }),
+        Cmd::Receive {
+            secondary,
+            query,
+            force,
+        } => receive(&secondary, query, force),
         Cmd::VerifyStream { json, file } => verify_stream(&file, json),
         Cmd::MakeStream {
             image,

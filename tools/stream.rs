@@ -962,8 +962,7 @@ impl ResumeToken {
     /// Decodes the bytes `to_bytes` makes; None if their length, crc32c or reserved field
     /// is wrong.
     pub fn from_bytes(b: &[u8]) -> Option<ResumeToken> {
-        if b.len() != TOKEN_LEN || crc32c::crc32c(&b[..80]) != get32(b, 80) || get32(b, 76) != 0
-        {
+        if b.len() != TOKEN_LEN || crc32c::crc32c(&b[..80]) != get32(b, 80) || get32(b, 76) != 0 {
             return None;
         }
         Some(ResumeToken {
