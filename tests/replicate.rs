@@ -265,7 +265,7 @@ fn resume_token_round_trips_through_the_progress_hex() {
     let t = token(STORE, 9, 4, 33);
     let bytes = t.to_bytes();
     assert_eq!(bytes.len(), TOKEN_LEN);
-    assert!(TOKEN_LEN <= 128, "the origin stores at most 128 bytes");
+    const _: () = assert!(TOKEN_LEN <= 128, "the origin stores at most 128 bytes");
     assert_eq!(ResumeToken::from_bytes(&bytes), Some(t));
     // As `shsnap receive` stores it and `info` prints it back.
     let i = secondary_info(Some(STORE), Some(&t), &[]);
@@ -856,7 +856,7 @@ fn primary(rng: &mut SmallRng, sectors: u64, incremental: bool) -> (Images, Stor
     let base = incremental.then(|| {
         let mut b = target.clone();
         for c in 0..h.chunks() as usize {
-            if rng.next_u32() % 3 == 0 {
+            if rng.next_u32().is_multiple_of(3) {
                 let end = ((c + 1) * 4096).min(b.len());
                 b[c * 4096..end].fill(0xbb);
             }
@@ -893,6 +893,7 @@ fn secondary(p: &Images, sectors: usize) -> (Disk, StoreInfo) {
 }
 
 /// Receives `bytes` as `shsnap receive` would: decide, then apply.
+#[expect(clippy::result_large_err, reason = "apply's error, as it is")]
 fn receive_bytes(
     bytes: &[u8],
     disk: &mut Disk,
