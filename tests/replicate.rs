@@ -531,13 +531,17 @@ fn decide_fresh_incremental() {
         e,
         Refusal::WrongBase {
             defect: StreamError::Foreign { what: "base" },
+            base: (STORE, 4),
             newest: Some((STORE, 6))
         }
     );
-    assert!(
-        e.to_string().contains("foreign stream: base differs"),
-        "{}",
-        e
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "foreign stream: base differs: the stream is incremental on seq 4 of store {0}, \
+             the newest replica here is seq 6 of store {0}",
+            PRIMARY
+        )
     );
     // Replicas of another store; none at all; the base replica invalid.
     let other = secondary_info(Some(OTHER), None, &[(5, 3, 4)]);

@@ -614,6 +614,8 @@ pub enum Refusal {
     WrongBase {
         /// What differs (`Header::check_identity`).
         defect: StreamError,
+        /// The stream's base: its store and creation sequence.
+        base: ([u8; 16], u64),
         /// The newest replica here: its source store and creation sequence.
         newest: Option<([u8; 16], u64)>,
     },
@@ -659,16 +661,26 @@ impl fmt::Display for Refusal {
                  sequence {}); `shsnap receive --query` prints its token",
                 defect, pending.target_seq
             ),
-            WrongBase { defect, newest } => {
-                write!(f, "{}: the stream is incremental on a base that ", defect)?;
+            WrongBase {
+                defect,
+                base,
+                newest,
+            } => {
+                write!(
+                    f,
+                    "{}: the stream is incremental on seq {} of store {}, ",
+                    defect,
+                    base.1,
+                    hex(&base.0)
+                )?;
                 match newest {
                     Some((store, seq)) => write!(
                         f,
-                        "is not the newest replica here (creation sequence {} of store {})",
+                        "the newest replica here is seq {} of store {}",
                         seq,
                         hex(store)
                     ),
-                    None => write!(f, "is not here (no replica): send a full stream"),
+                    None => write!(f, "there is no replica here: send a full stream"),
                 }
             }
             Pending { pending } => write!(
@@ -743,7 +755,11 @@ pub fn decide(
                 None => Some(StreamError::Foreign { what: "base" }),
             };
             if let Some(defect) = defect {
-                return Err(Refusal::WrongBase { defect, newest });
+                return Err(Refusal::WrongBase {
+                    defect,
+                    base: (h.store_uuid, base.create_seq),
+                    newest,
+                });
             }
             match pending {
                 Some(p)
