@@ -1359,8 +1359,8 @@ pub fn receive<R: Read>(
     // snapshots live now.
     let again = |e: String| {
         failed(format!(
-            "{}: every chunk is received and durable, but no snapshot was taken: receive \
-             the stream again",
+            "{}: every chunk is received and durable, but the replica snapshot was not \
+             taken: send the transfer again (the secondary takes it: it is the pending one)",
             e
         ))
     };
