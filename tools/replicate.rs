@@ -23,7 +23,7 @@ use std::format;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, IsTerminal, Read, Write};
 use std::os::fd::AsFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::process::{Command, Stdio};
 use std::string::{String, ToString};
 use std::time::Instant;
@@ -1339,10 +1339,24 @@ pub fn receive<R: Read>(
     decide(&h, &info, table.sectors, force).map_err(ReceiveError::Refused)?;
     dmsetup(&["mknodes", &name]).map_err(failed)?;
     let path = format!("/dev/mapper/{}", name);
+    // O_EXCL: a block device mounted or held by another program is refused (EBUSY).
     let dev = OpenOptions::new()
         .write(true)
+        .custom_flags(libc::O_EXCL)
         .open(&path)
-        .map_err(|e| failed(format!("{}: {}", path, e)))?;
+        .map_err(|e| {
+            let busy = e.raw_os_error() == Some(libc::EBUSY);
+            failed(format!(
+                "{}: {}{}",
+                path,
+                e,
+                if busy {
+                    " (mounted or in use: a secondary must not be)"
+                } else {
+                    ""
+                }
+            ))
+        })?;
     let mut sec = DmSecondary {
         name: name.clone(),
         dev,

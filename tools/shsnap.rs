@@ -480,6 +480,10 @@ fn receive(secondary: &str, query: bool, force: bool) -> Result<ExitCode, ExitCo
             }
         };
     }
+    if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        eprintln!("shsnap receive: standard input is a terminal: pipe a stream into it");
+        return Err(ExitCode::from(1));
+    }
     let input = std::io::BufReader::with_capacity(1 << 20, std::io::stdin().lock());
     let token = match replicate::receive(secondary, force, input) {
         Ok(report) => {
