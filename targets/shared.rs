@@ -133,6 +133,11 @@ fn is_zero(b: &[u8]) -> bool {
 }
 
 impl Shared {
+    /// Chunks of the origin (the last one is short if its size is not a multiple).
+    pub(super) fn origin_chunks(&self) -> u64 {
+        self.origin_sectors.div_ceil(self.chunk_sectors)
+    }
+
     /// Formats the COW device if its first block is zero.
     #[inline(never)]
     pub(super) fn format_if_new(
