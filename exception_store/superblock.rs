@@ -634,6 +634,18 @@ impl Super {
         Ok(())
     }
 
+    /// The store's identity for replication: its uuid, or for a store formatted without one
+    /// (by modules before replication), 8 bytes `0xff` and the random store id, which never
+    /// changes either.
+    pub fn identity(&self) -> [u8; 16] {
+        if self.uuid != [0; 16] {
+            return self.uuid;
+        }
+        let mut u = [0xff; 16];
+        u[8..].copy_from_slice(&self.store_id.to_le_bytes());
+        u
+    }
+
     /// Bitmap of live snapshot slots.
     pub fn live_mask(&self) -> u64 {
         self.mask(SNAP_LIVE)

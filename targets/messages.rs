@@ -146,7 +146,7 @@ impl Origin {
         };
         let sb = store.sb();
         let _ = write!(out, "store ");
-        write_hex(out, &sb.uuid);
+        write_hex(out, &sb.identity());
         let _ = writeln!(
             out,
             " chunk_sectors {} chunks {} next_seq {}",
