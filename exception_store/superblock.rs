@@ -637,7 +637,7 @@ impl Super {
     /// The store's identity for replication: its uuid, or for a store formatted without one
     /// (by modules before replication), 8 bytes `0xff` and the random store id, which never
     /// changes either.
-    pub fn identity(&self) -> [u8; 16] {
+    pub fn replication_uuid(&self) -> [u8; 16] {
         if self.uuid != [0; 16] {
             return self.uuid;
         }

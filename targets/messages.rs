@@ -146,7 +146,7 @@ impl Origin {
         };
         let sb = store.sb();
         let _ = write!(out, "store ");
-        write_hex(out, &sb.identity());
+        write_hex(out, &sb.replication_uuid());
         let _ = writeln!(
             out,
             " chunk_sectors {} chunks {} next_seq {}",
