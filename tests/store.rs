@@ -1665,11 +1665,13 @@ fn online_delta_matches_lookups() {
                 let mut got = vec![];
                 let mut next = Some(0);
                 while let Some(start) = next {
-                    next = sim.s().delta(a, b, start, 1, |c| {
-                        got.push(c);
-                        true
-                    })
-                    .unwrap();
+                    next = sim
+                        .s()
+                        .delta(a, b, start, 1, |c| {
+                            got.push(c);
+                            true
+                        })
+                        .unwrap();
                 }
                 assert_eq!(got, want, "seed {} slots {} {}", seed, a, b);
                 // A caller that takes at most 3 chunks per call.
@@ -1677,15 +1679,17 @@ fn online_delta_matches_lookups() {
                 let mut next = Some(0);
                 while let Some(start) = next {
                     let mut n = 0;
-                    next = sim.s().delta(a, b, start, 64, |c| {
-                        n += 1;
-                        if n > 3 {
-                            return false;
-                        }
-                        got.push(c);
-                        true
-                    })
-                    .unwrap();
+                    next = sim
+                        .s()
+                        .delta(a, b, start, 64, |c| {
+                            n += 1;
+                            if n > 3 {
+                                return false;
+                            }
+                            got.push(c);
+                            true
+                        })
+                        .unwrap();
                 }
                 assert_eq!(got, want, "seed {} slots {} {} (stopping)", seed, a, b);
                 pairs += 1;
@@ -1725,5 +1729,9 @@ fn replica_identity_and_progress() {
     s.commit().unwrap();
     assert_eq!(s.sb().source_uuid, [0xbb; 16]);
     assert_eq!((seq_of(&s, 3), seq_of(&s, 4)), (0, 1));
-    assert!(s.sb().snaps.iter().all(|x| x.is_live() || x.source_seq == 0));
+    assert!(s
+        .sb()
+        .snaps
+        .iter()
+        .all(|x| x.is_live() || x.source_seq == 0));
 }

@@ -552,14 +552,30 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 );
             } else {
                 println!(
-                    "chunk_sectors {} data {}/{} metadata {}/{} depth {}",
-                    r.chunk_sectors, r.data_used, r.data_total, r.meta_used, r.meta_total, r.depth
+                    "uuid {} chunk_sectors {} data {}/{} metadata {}/{} depth {}",
+                    r.uuid,
+                    r.chunk_sectors,
+                    r.data_used,
+                    r.data_total,
+                    r.meta_used,
+                    r.meta_total,
+                    r.depth
                 );
-                for s in &r.snapshots {
+                if let Some(src) = &r.source_uuid {
                     println!(
+                        "replication source {} progress {} bytes",
+                        src, r.progress_bytes
+                    );
+                }
+                for s in &r.snapshots {
+                    print!(
                         "snapshot id {} slot {} {} seq {} owned {}",
                         s.id, s.slot, s.state, s.create_seq, s.owned
                     );
+                    if s.source_seq != 0 {
+                        print!(" replica of seq {}", s.source_seq);
+                    }
+                    println!();
                 }
                 for e in map.values().flatten() {
                     println!(
