@@ -175,13 +175,14 @@ impl Layout {
             data_start,
             data_chunks,
         };
-        l.validate(total_blocks)?;
+        l.validate(total_blocks, 0)?;
         Ok(l)
     }
 
-    /// Checks that the regions are sane, in order, and fit a device of `dev_blocks`.
-    pub fn validate(&self, dev_blocks: u64) -> Result<()> {
-        let bad = |w| Err(PdataError::Corrupt { block: 0, what: w }.into());
+    /// Checks that the regions are sane, in order, and fit a device of `dev_blocks`; a
+    /// defect is reported in block `nr` (the superblock or the state block it was read from).
+    pub fn validate(&self, dev_blocks: u64, nr: u64) -> Result<()> {
+        let bad = |w| Err(PdataError::Corrupt { block: nr, what: w }.into());
         if !self.chunk_sectors.is_power_of_two() || !(8..=2048).contains(&self.chunk_sectors) {
             return bad("chunk size out of range");
         }
@@ -570,7 +571,7 @@ impl Super {
         if f.block_size as usize != BLOCK_SIZE {
             return Err(Error::NotAStore("unsupported metadata block size"));
         }
-        f.layout.validate(dev_blocks)?;
+        f.layout.validate(dev_blocks, nr)?;
         Ok((store_id, f))
     }
 
