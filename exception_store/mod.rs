@@ -193,6 +193,8 @@ pub fn format(io: &mut impl BlockIo, p: &FormatParams, scratch: &mut Block) -> R
         delete_cursor: 0,
         next_seq: 1,
         alloc_hint: [0; 2],
+        source_uuid: [0; 16],
+        progress: Progress::NONE,
         snaps: [SnapSlot::default(); MAX_SNAPSHOTS],
     };
     sb.encode(scratch, STATE_BLOCK);
@@ -580,6 +582,63 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
         Ok(r.map(|()| src))
     }
 
+    /// The delta between snapshots `a` and `b` (slots): calls `f` with every chunk at or after
+    /// `start` that they read from different places (both from the origin, or both from one
+    /// exception, is the same place), in increasing order, visiting at most `max_leaves`
+    /// leaves.  Only chunks with exceptions can differ, so the cost is the exceptions visited.
+    /// `f` returns false to stop before the chunk it is given.  Returns where to continue
+    /// (`None`: the delta is complete).
+    pub fn delta(
+        &mut self,
+        a: usize,
+        b: usize,
+        start: u64,
+        max_leaves: usize,
+        mut f: impl FnMut(u64) -> bool,
+    ) -> Result<Option<u64>> {
+        self.check_usable()?;
+        for slot in [a, b] {
+            let s = self.sb.snaps.get(slot).ok_or(Error::NoSuchSnapshot)?;
+            if !s.is_live() {
+                return Err(Error::NoSuchSnapshot);
+            }
+            if s.is_invalid() {
+                return Err(Error::SnapshotInvalid);
+            }
+        }
+        let (bit_a, bit_b) = (1u64 << a, 1u64 << b);
+        let mut key = start;
+        for _ in 0..max_leaves {
+            self.cache.begin_op();
+            let path = btree::find_leaf(self, self.sb.root, key)?;
+            let leaf = self.cache.data(path.leaf.1);
+            let n = btree::count(leaf);
+            let mut i = btree::chunk_range(leaf, key).0;
+            while i < n {
+                let chunk = btree::leaf_entry(leaf, i).chunk;
+                let (mut from_a, mut from_b) = (None, None);
+                while i < n && btree::leaf_entry(leaf, i).chunk == chunk {
+                    let e = btree::leaf_entry(leaf, i);
+                    if e.share & bit_a != 0 {
+                        from_a = Some(e.cow);
+                    }
+                    if e.share & bit_b != 0 {
+                        from_b = Some(e.cow);
+                    }
+                    i += 1;
+                }
+                if from_a != from_b && !f(chunk) {
+                    return Ok(Some(chunk));
+                }
+            }
+            match path.upper {
+                Some(u) => key = u,
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(key))
+    }
+
     /// The COW chunk snapshot `slot` owns alone for `chunk` (an exception whose share is
     /// exactly its bit: a write goes there in place), if any; reads nothing from disk.
     pub fn owned_alone_cached(&mut self, chunk: u64, slot: usize) -> Result<Cached<Option<u64>>> {
@@ -749,6 +808,26 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
 
     /// Creates snapshot `id` of the origin as it is now; returns its slot.
     pub fn create_snapshot(&mut self, id: u32) -> Result<Step<usize>> {
+        self.create(id, None)
+    }
+
+    /// Creates snapshot `id` as a replica: a complete copy of snapshot `source_seq` (its
+    /// creation sequence) of the store `source_uuid`, which becomes the replication source
+    /// (if it was another store, the other snapshots stop being replicas).  Clears the
+    /// receive progress: the transfer it tracked is complete.
+    pub fn create_replica(
+        &mut self,
+        id: u32,
+        source_uuid: [u8; 16],
+        source_seq: u64,
+    ) -> Result<Step<usize>> {
+        if source_uuid == [0; 16] || source_seq == 0 {
+            return Err(Error::Invalid("replication source identity"));
+        }
+        self.create(id, Some((source_uuid, source_seq)))
+    }
+
+    fn create(&mut self, id: u32, source: Option<([u8; 16], u64)>) -> Result<Step<usize>> {
         let Step::Done(()) = self.begin()? else {
             return Ok(Step::CommitFirst);
         };
@@ -770,10 +849,34 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
             flags: SNAP_LIVE,
             create_seq: self.sb.next_seq,
             owned: 0,
+            source_seq: 0,
         };
         self.sb.next_seq = next;
+        if let Some((uuid, seq)) = source {
+            if self.sb.source_uuid != uuid {
+                for s in self.sb.snaps.iter_mut() {
+                    s.source_seq = 0;
+                }
+                self.sb.source_uuid = uuid;
+            }
+            self.sb.snaps[slot].source_seq = seq;
+            self.sb.progress = Progress::NONE;
+        }
         self.sb_dirty = true;
         Ok(Step::Done(slot))
+    }
+
+    /// Records the receive progress (`Progress::MAX` bytes at most; empty: none).
+    pub fn set_progress(&mut self, bytes: &[u8]) -> Result<Step<()>> {
+        let Some(p) = Progress::new(bytes) else {
+            return Err(Error::Invalid("receive progress too long"));
+        };
+        let Step::Done(()) = self.begin()? else {
+            return Ok(Step::CommitFirst);
+        };
+        self.sb.progress = p;
+        self.sb_dirty = true;
+        Ok(Step::Done(()))
     }
 
     /// Deletes snapshot `id`: it disappears at once; its exceptions are released by
@@ -786,6 +889,7 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
             return Err(Error::NoSuchSnapshot);
         };
         self.sb.snaps[slot].flags = SNAP_DELETING;
+        self.sb.snaps[slot].source_seq = 0;
         self.sb.delete_cursor = 0;
         self.sb_dirty = true;
         Ok(Step::Done(()))

@@ -40,6 +40,9 @@ pub struct SnapSlot {
     pub create_seq: u64,
     /// Exceptions this snapshot owns alone.
     pub owned: u64,
+    /// Replication: the creation sequence of the snapshot of the replication source store
+    /// (`Super::source_uuid`) this snapshot is a complete copy of; 0: not a replica.
+    pub source_seq: u64,
 }
 
 impl SnapSlot {
@@ -51,6 +54,44 @@ impl SnapSlot {
     /// Whether the snapshot was invalidated (it fails all I/O).
     pub fn is_invalid(&self) -> bool {
         self.flags & SNAP_INVALID != 0
+    }
+}
+
+/// Receive progress: up to `Progress::MAX` opaque bytes the store keeps for the replication
+/// receiver (its resume token), committed like any other state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Bytes in use (at most `MAX` in a valid store; checked when decoded).
+    len: u32,
+    bytes: [u8; Progress::MAX],
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress::NONE
+    }
+}
+
+impl Progress {
+    /// Most bytes kept.
+    pub const MAX: usize = 128;
+    /// No progress recorded.
+    pub const NONE: Progress = Progress {
+        len: 0,
+        bytes: [0; Progress::MAX],
+    };
+
+    /// `b` as progress; `None` if longer than `MAX`.
+    pub fn new(b: &[u8]) -> Option<Progress> {
+        let mut p = Progress::NONE;
+        p.bytes.get_mut(..b.len())?.copy_from_slice(b);
+        p.len = b.len() as u32;
+        Some(p)
+    }
+
+    /// The bytes recorded (`None`: the length is out of range, a damaged store).
+    pub fn get(&self) -> Option<&[u8]> {
+        self.bytes.get(..self.len as usize)
     }
 }
 
@@ -134,13 +175,14 @@ impl Layout {
             data_start,
             data_chunks,
         };
-        l.validate(total_blocks)?;
+        l.validate(total_blocks, 0)?;
         Ok(l)
     }
 
-    /// Checks that the regions are sane, in order, and fit a device of `dev_blocks`.
-    pub fn validate(&self, dev_blocks: u64) -> Result<()> {
-        let bad = |w| Err(PdataError::Corrupt { block: 0, what: w }.into());
+    /// Checks that the regions are sane, in order, and fit a device of `dev_blocks`; a
+    /// defect is reported in block `nr` (the superblock or the state block it was read from).
+    pub fn validate(&self, dev_blocks: u64, nr: u64) -> Result<()> {
+        let bad = |w| Err(PdataError::Corrupt { block: nr, what: w }.into());
         if !self.chunk_sectors.is_power_of_two() || !(8..=2048).contains(&self.chunk_sectors) {
             return bad("chunk size out of range");
         }
@@ -237,6 +279,11 @@ pub struct Super {
     /// Where the next allocation search starts, per area (metadata, data): a hint, taken
     /// modulo the area size (0 in stores written before it existed).
     pub alloc_hint: [u64; 2],
+    /// Replication: the uuid of the store the replica snapshots were received from (all 0:
+    /// none).
+    pub source_uuid: [u8; 16],
+    /// Receive progress: opaque bytes kept for the receiver (`progress[..progress_len]`).
+    pub progress: Progress,
     /// Snapshot slots.
     pub snaps: [SnapSlot; MAX_SNAPSHOTS],
 }
@@ -254,14 +301,14 @@ impl SnapSlot {
     pub const SIZE: usize = 32;
 
     /// Packs into `out` (`SIZE` bytes): u32 id, u32 flags, u64 creation sequence, u64 owned,
-    /// u64 reserved.
+    /// u64 source sequence.
     pub fn pack(&self, out: &mut [u8]) {
         let mut w = LeWriter::new(out);
         w.u32(self.id);
         w.u32(self.flags);
         w.u64(self.create_seq);
         w.u64(self.owned);
-        w.zeros(8);
+        w.u64(self.source_seq);
         debug_assert!(w.fits() && w.pos() == Self::SIZE);
     }
 
@@ -273,18 +320,19 @@ impl SnapSlot {
             flags: r.u32()?,
             create_seq: r.u64()?,
             owned: r.u64()?,
+            source_seq: r.u64()?,
         };
-        r.skip(8)?;
         Ok(s)
     }
 
     /// Whether the flags are a state a slot can be in: free, live (maybe invalid), or
-    /// deleting (maybe invalid), and no unknown bit.
+    /// deleting (maybe invalid), and no unknown bit; and only a live slot is a replica.
     fn flags_ok(&self) -> bool {
         let f = self.flags;
         f & !SNAP_KNOWN == 0
             && !(f & SNAP_LIVE != 0 && f & SNAP_DELETING != 0)
             && (f == 0 || f & (SNAP_LIVE | SNAP_DELETING) != 0)
+            && (self.source_seq == 0 || f & SNAP_LIVE != 0)
     }
 }
 
@@ -310,11 +358,14 @@ struct SbFields {
     next_seq: u64,
     magic: [u8; 8],
     alloc_hint: [u64; 2],
+    source_uuid: [u8; 16],
+    /// Its length is checked by `Super::decode_into`.
+    progress: Progress,
 }
 
 impl SbFields {
     /// Bytes on disk.
-    const SIZE: usize = 200;
+    const SIZE: usize = 348;
 
     fn pack(&self, out: &mut [u8]) {
         let mut w = LeWriter::new(out);
@@ -350,6 +401,9 @@ impl SbFields {
         w.bytes(&self.magic);
         w.u64(self.alloc_hint[0]);
         w.u64(self.alloc_hint[1]);
+        w.bytes(&self.source_uuid);
+        w.u32(self.progress.len);
+        w.bytes(&self.progress.bytes);
         debug_assert!(w.fits() && w.pos() == Self::SIZE);
     }
 
@@ -396,6 +450,11 @@ impl SbFields {
             next_seq: r.u64()?,
             magic: r.bytes()?,
             alloc_hint: [r.u64()?, r.u64()?],
+            source_uuid: r.bytes()?,
+            progress: Progress {
+                len: r.u32()?,
+                bytes: r.bytes()?,
+            },
         })
     }
 }
@@ -425,6 +484,8 @@ impl Super {
             next_seq: self.next_seq,
             magic: *MAGIC_STR,
             alloc_hint: self.alloc_hint,
+            source_uuid: self.source_uuid,
+            progress: self.progress,
         }
         .pack(&mut head[SB_FIELDS..]);
         let mut w = LeWriter::new(table);
@@ -455,6 +516,7 @@ impl Super {
             flags: 0,
             create_seq: 0,
             owned: 0,
+            source_seq: 0,
         };
         Super {
             store_id: 0,
@@ -467,6 +529,8 @@ impl Super {
             delete_cursor: 0,
             next_seq: 0,
             alloc_hint: [0; 2],
+            source_uuid: [0; 16],
+            progress: Progress::NONE,
             snaps: [S; MAX_SNAPSHOTS],
         }
     }
@@ -507,7 +571,7 @@ impl Super {
         if f.block_size as usize != BLOCK_SIZE {
             return Err(Error::NotAStore("unsupported metadata block size"));
         }
-        f.layout.validate(dev_blocks)?;
+        f.layout.validate(dev_blocks, nr)?;
         Ok((store_id, f))
     }
 
@@ -532,7 +596,12 @@ impl Super {
         sb.delete_cursor = f.delete_cursor;
         sb.next_seq = f.next_seq;
         sb.alloc_hint = f.alloc_hint;
+        sb.source_uuid = f.source_uuid;
+        sb.progress = f.progress;
         let bad = |w| Err(PdataError::Corrupt { block: nr, what: w }.into());
+        if sb.progress.get().is_none() {
+            return bad("receive progress length");
+        }
         if sb.meta_used > layout.meta_blocks || sb.data_used > layout.data_chunks {
             return bad("space counters exceed the areas");
         }
@@ -560,7 +629,22 @@ impl Super {
                 }
             }
         }
+        if sb.source_uuid == [0; 16] && sb.snaps.iter().any(|s| s.source_seq != 0) {
+            return bad("a replica snapshot without a replication source");
+        }
         Ok(())
+    }
+
+    /// The store's identity for replication: its uuid, or for a store formatted without one
+    /// (by modules before replication), 8 bytes `0xff` and the random store id, which never
+    /// changes either.
+    pub fn replication_uuid(&self) -> [u8; 16] {
+        if self.uuid != [0; 16] {
+            return self.uuid;
+        }
+        let mut u = [0xff; 16];
+        u[8..].copy_from_slice(&self.store_id.to_le_bytes());
+        u
     }
 
     /// Bitmap of live snapshot slots.
@@ -617,6 +701,8 @@ mod tests {
         sb.delete_cursor = 0x1604;
         sb.next_seq = 0x1605;
         sb.alloc_hint = [0x1606, 0x1607];
+        sb.source_uuid = [0x22; 16];
+        sb.progress = Progress::new(&[0x33; 84]).unwrap();
         for (i, s) in sb.snaps.iter_mut().enumerate() {
             let i = i as u64;
             *s = SnapSlot {
@@ -624,6 +710,7 @@ mod tests {
                 flags: [0, SNAP_LIVE, SNAP_LIVE | SNAP_INVALID, SNAP_DELETING][i as usize % 4],
                 create_seq: 0x1_0000 + i,
                 owned: 0x2_0000 + i,
+                source_seq: if i % 4 == 1 { 0x3_0000 + i } else { 0 },
             };
         }
         sb
@@ -652,6 +739,8 @@ mod tests {
             next_seq: sb.next_seq,
             magic: *MAGIC_STR,
             alloc_hint: sb.alloc_hint,
+            source_uuid: sb.source_uuid,
+            progress: sb.progress,
         };
         let mut b = [0xaa; SbFields::SIZE];
         f.pack(&mut b);
@@ -703,21 +792,25 @@ mod tests {
         assert_eq!(&b[208..216], MAGIC_STR);
         assert_eq!(get64(&b, 216), sb.alloc_hint[0]);
         assert_eq!(get64(&b, 224), sb.alloc_hint[1]);
+        assert_eq!(b[232..248], sb.source_uuid);
+        assert_eq!(get32(&b, 248), 84);
+        assert_eq!(b[252..252 + 84], [0x33; 84]);
         for (i, s) in sb.snaps.iter().enumerate() {
             let o = 512 + 32 * i;
             assert_eq!(get32(&b, o), s.id);
             assert_eq!(get32(&b, o + 4), s.flags);
             assert_eq!(get64(&b, o + 8), s.create_seq);
             assert_eq!(get64(&b, o + 16), s.owned);
+            assert_eq!(get64(&b, o + 24), s.source_seq);
         }
         // Everything else (reserved) is zero.
         let mut fields = [false; BLOCK_SIZE];
         let mut mark = |o: usize, n: usize| fields[o..o + n].fill(true);
         mark(0, 152);
         mark(160, 28);
-        mark(192, 40);
+        mark(192, 40 + 16 + 4 + 84);
         for i in 0..MAX_SNAPSHOTS {
-            mark(512 + 32 * i, 24);
+            mark(512 + 32 * i, 32);
         }
         for (i, byte) in b.iter().enumerate() {
             assert!(fields[i] || *byte == 0, "byte {} not zero", i);

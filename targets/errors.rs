@@ -10,7 +10,7 @@ use kernel::prelude::*;
 
 use crate::exception_store::format::{Error as StoreError, PdataError};
 
-/// The errno of a store operation that failed (the `create` and `delete` messages).
+/// The errno of a store operation that failed (a message).
 pub(super) fn errno(e: &StoreError) -> Error {
     match e {
         StoreError::Pdata(PdataError::Io { .. } | PdataError::Flush) | StoreError::DataCopy => EIO,
@@ -19,6 +19,7 @@ pub(super) fn errno(e: &StoreError) -> Error {
         StoreError::TooManySnapshots => ENOSPC,
         StoreError::NoSuchSnapshot => ENOENT,
         StoreError::ReadOnly => EROFS,
+        StoreError::Invalid(_) => EINVAL,
         _ => EIO,
     }
 }

@@ -54,6 +54,28 @@ pub(crate) fn parse_u32(s: &CStr) -> Option<u32> {
     s.parse().ok()
 }
 
+pub(crate) fn parse_u64(s: &CStr) -> Option<u64> {
+    let s = s.to_str().ok()?;
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// Decodes hex digits (two per byte) into `out`; returns the bytes written, `None` if `s`
+/// is not hex of at most `out.len()` bytes.
+pub(crate) fn parse_hex(s: &CStr, out: &mut [u8]) -> Option<usize> {
+    let s = s.as_bytes();
+    if s.len() % 2 != 0 || s.len() / 2 > out.len() {
+        return None;
+    }
+    let digit = |c: u8| (c as char).to_digit(16);
+    for (o, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
+        *o = (digit(pair[0])? * 16 + digit(pair[1])?) as u8;
+    }
+    Some(s.len() / 2)
+}
+
 pub(crate) fn fail(t: &Target, msg: &'static CStr, e: Error) -> Error {
     t.set_error(msg);
     e

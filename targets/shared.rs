@@ -128,11 +128,26 @@ pub(super) fn store_sectors(cow: &Device) -> u64 {
     cow.sectors() & !(exception_store::format::BLOCK_SECTORS - 1)
 }
 
+/// A random version-4 uuid (RFC 9562): the store's identity for replication.
+fn random_uuid() -> [u8; 16] {
+    let mut u = [0u8; 16];
+    u[..8].copy_from_slice(&dm::random_u64().to_le_bytes());
+    u[8..].copy_from_slice(&dm::random_u64().to_le_bytes());
+    u[6] = (u[6] & 0x0f) | 0x40;
+    u[8] = (u[8] & 0x3f) | 0x80;
+    u
+}
+
 fn is_zero(b: &[u8]) -> bool {
     b.iter().all(|&x| x == 0)
 }
 
 impl Shared {
+    /// Chunks of the origin (the last one is short if its size is not a multiple).
+    pub(super) fn origin_chunks(&self) -> u64 {
+        self.origin_sectors.div_ceil(self.chunk_sectors)
+    }
+
     /// Formats the COW device if its first block is zero.
     #[inline(never)]
     pub(super) fn format_if_new(
@@ -159,7 +174,7 @@ impl Shared {
             let p = FormatParams {
                 chunk_sectors: chunk,
                 store_id: dm::random_u64() | 1,
-                uuid: [0; 16],
+                uuid: random_uuid(),
                 meta_blocks: 0,
             };
             if let Err(e) = exception_store::format(io, &p, block) {

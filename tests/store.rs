@@ -1627,3 +1627,111 @@ fn big_store_small_cache_power_cuts() {
         t0.elapsed().as_secs_f64()
     );
 }
+
+/// The online delta (`Store::delta`) lists a chunk if and only if the two snapshots read it
+/// from different places, whatever the paging (few leaves per call, or a caller that stops
+/// early), and a snapshot against itself differs nowhere.
+#[test]
+fn online_delta_matches_lookups() {
+    let first = seed("SHSNAP_DELTA_SEED", 0);
+    let mut pairs = 0;
+    for seed in first..first + 3 {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let mut sim = Sim::new(new_dev(16384));
+        let mut next_id = 0;
+        for _ in 0..3000 {
+            step(&mut sim, &mut rng, &mut next_id).unwrap();
+        }
+        sim.commit().unwrap();
+        let slots: Vec<usize> = (0..64)
+            .filter(|&i| {
+                let s = sim.s().sb().snaps[i];
+                s.is_live() && !s.is_invalid()
+            })
+            .collect();
+        assert!(slots.len() >= 3, "seed {}: too few snapshots", seed);
+        for &a in &slots {
+            for &b in &slots {
+                let mut want = vec![];
+                for c in 0..CHUNKS {
+                    if sim.s().lookup(c, a).unwrap() != sim.s().lookup(c, b).unwrap() {
+                        want.push(c);
+                    }
+                }
+                if a == b {
+                    assert!(want.is_empty());
+                }
+                // One leaf per call.
+                let mut got = vec![];
+                let mut next = Some(0);
+                while let Some(start) = next {
+                    next = sim
+                        .s()
+                        .delta(a, b, start, 1, |c| {
+                            got.push(c);
+                            true
+                        })
+                        .unwrap();
+                }
+                assert_eq!(got, want, "seed {} slots {} {}", seed, a, b);
+                // A caller that takes at most 3 chunks per call.
+                let mut got = vec![];
+                let mut next = Some(0);
+                while let Some(start) = next {
+                    let mut n = 0;
+                    next = sim
+                        .s()
+                        .delta(a, b, start, 64, |c| {
+                            n += 1;
+                            if n > 3 {
+                                return false;
+                            }
+                            got.push(c);
+                            true
+                        })
+                        .unwrap();
+                }
+                assert_eq!(got, want, "seed {} slots {} {} (stopping)", seed, a, b);
+                pairs += 1;
+            }
+        }
+    }
+    println!("online delta: {} snapshot pairs checked", pairs);
+}
+
+/// Replica snapshots record their source identity; the receive progress is kept until a
+/// replica is created; both survive a reopen; another source store resets the old replicas.
+#[test]
+fn replica_identity_and_progress() {
+    let mut sim = Sim::new(new_dev(16384));
+    sim.create(1).unwrap();
+    let s = sim.s();
+    done(s.set_progress(&[7; 84]).unwrap()).unwrap();
+    assert!(s.set_progress(&[7; 129]).is_err());
+    done(s.create_replica(2, [0xaa; 16], 5).unwrap()).unwrap();
+    assert!(s.create_replica(3, [0; 16], 5).is_err());
+    assert!(s.create_replica(3, [0xaa; 16], 0).is_err());
+    assert_eq!(s.sb().progress.get(), Some(&[][..]));
+    done(s.set_progress(&[9; 10]).unwrap()).unwrap();
+    done(s.create_replica(3, [0xaa; 16], 9).unwrap()).unwrap();
+    done(s.set_progress(&[8; 128]).unwrap()).unwrap();
+    s.commit().unwrap();
+    let (dev, _, _) = sim.store.take().unwrap().close().unwrap();
+    check_clean(&dev);
+    let mut s = Store::open(dev, VecMem::new(128), sbox()).unwrap();
+    let seq_of = |s: &S, id| s.sb().snaps[s.sb().slot_of(id).unwrap()].source_seq;
+    assert_eq!(s.sb().source_uuid, [0xaa; 16]);
+    assert_eq!(s.sb().progress.get(), Some(&[8; 128][..]));
+    assert_eq!((seq_of(&s, 1), seq_of(&s, 2), seq_of(&s, 3)), (0, 5, 9));
+    // Deleting a replica forgets its source; a replica of another store resets the others.
+    done(s.delete_snapshot(2).unwrap()).unwrap();
+    done(s.create_replica(4, [0xbb; 16], 1).unwrap()).unwrap();
+    s.commit().unwrap();
+    assert_eq!(s.sb().source_uuid, [0xbb; 16]);
+    assert_eq!((seq_of(&s, 3), seq_of(&s, 4)), (0, 1));
+    assert!(s
+        .sb()
+        .snaps
+        .iter()
+        .all(|x| x.is_live() || x.source_seq == 0));
+}

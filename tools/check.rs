@@ -66,6 +66,8 @@ pub struct SnapInfo {
     pub create_seq: u64,
     /// Exceptions owned alone.
     pub owned: u64,
+    /// Replication: creation sequence of the source snapshot it copies (0: not a replica).
+    pub source_seq: u64,
 }
 
 /// The result of reading a store.
@@ -83,6 +85,12 @@ pub struct Report {
     pub exceptions: u64,
     /// Chunk size in sectors.
     pub chunk_sectors: u32,
+    /// The store's identity for replication (32 hex digits).
+    pub uuid: String,
+    /// Replication source store (32 hex digits), if replicas were received.
+    pub source_uuid: Option<String>,
+    /// Bytes of receive progress recorded.
+    pub progress_bytes: usize,
     /// Data chunks used / total.
     pub data_used: u64,
     /// Data chunks in all.
@@ -188,6 +196,10 @@ pub fn check_with<D: BlockIo>(dev: D, keep_map: bool) -> (Report, Option<(Super,
     let l = sb.layout;
     r.depth = sb.root.depth;
     r.chunk_sectors = l.chunk_sectors;
+    let hex = |u: &[u8; 16]| u.iter().map(|b| format!("{:02x}", b)).collect::<String>();
+    r.uuid = hex(&sb.replication_uuid());
+    r.source_uuid = (sb.source_uuid != [0; 16]).then(|| hex(&sb.source_uuid));
+    r.progress_bytes = sb.progress.get().map_or(0, |p| p.len());
     r.data_used = sb.data_used;
     r.data_total = l.data_chunks;
     r.meta_used = sb.meta_used;
@@ -208,6 +220,7 @@ pub fn check_with<D: BlockIo>(dev: D, keep_map: bool) -> (Report, Option<(Super,
                 state,
                 create_seq: s.create_seq,
                 owned: s.owned,
+                source_seq: s.source_seq,
             });
         }
     }

@@ -29,6 +29,10 @@ pub const KINDS: &[(&str, &str)] = &[
     ("owned", "a snapshot slot's owned counter near u64::MAX"),
     ("create-seq", "next creation sequence near u64::MAX"),
     (
+        "replica",
+        "a snapshot marked a replica (source sequence near u64::MAX), no replication source",
+    ),
+    (
         "cursor",
         "deletion cursor near u64::MAX, one snapshot marked deleting",
     ),
@@ -159,6 +163,11 @@ impl<D: BlockIo> Ctx<'_, D> {
             "owned" => {
                 s.snaps[slot].owned = near_max;
                 format!("slot {} owned counter = {}", slot, near_max)
+            }
+            "replica" => {
+                s.snaps[slot].source_seq = near_max;
+                s.source_uuid = [0; 16];
+                format!("slot {} replica of seq {} without a source", slot, near_max)
             }
             "create-seq" => {
                 s.next_seq = near_max;
@@ -409,7 +418,9 @@ pub fn forge<D: BlockIo>(io: &mut D, seed: u64, kind: Option<&str>) -> Result<St
         let k = KINDS[(first + i) % KINDS.len()].0;
         let r = match k {
             "journal-seq" | "journal-off" | "journal-desc-count" => Some(ctx.journal(&mut rng, k)?),
-            "owned" | "create-seq" | "cursor" | "depth" | "used" => Some(ctx.state(&mut rng, k)?),
+            "owned" | "create-seq" | "replica" | "cursor" | "depth" | "used" => {
+                Some(ctx.state(&mut rng, k)?)
+            }
             _ => ctx.node(&mut rng, k)?,
         };
         if let Some(msg) = r {

@@ -23,7 +23,7 @@ use shsnap_core::exception_store::format::{
     BLOCK_SIZE, HEADER_SIZE, MAX_DEPTH, MAX_SNAPSHOTS,
 };
 use shsnap_core::exception_store::superblock::{
-    JournalHeader, Layout, SnapSlot, Super, BITS_PER_BITMAP, SNAP_LIVE, STATE_BLOCK,
+    JournalHeader, Layout, Progress, SnapSlot, Super, BITS_PER_BITMAP, SNAP_LIVE, STATE_BLOCK,
 };
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -600,6 +600,7 @@ pub fn populate(args: &[String]) -> std::result::Result<(), String> {
             flags: SNAP_LIVE,
             create_seq: i as u64 + 1,
             owned: owned[i],
+            source_seq: 0,
         };
     }
     let sb = Super {
@@ -613,6 +614,8 @@ pub fn populate(args: &[String]) -> std::result::Result<(), String> {
         delete_cursor: 0,
         next_seq: p.snaps as u64 + 1,
         alloc_hint: [meta_used % l.meta_blocks, p.hint],
+        source_uuid: [0; 16],
+        progress: Progress::NONE,
         snaps,
     };
     sb.encode(&mut b, STATE_BLOCK);

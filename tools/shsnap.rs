@@ -11,6 +11,8 @@ use shsnap_core::host::FileDev;
 use shsnap_core::replicate;
 use std::process::ExitCode;
 
+mod compare;
+
 #[derive(Parser)]
 #[command(
     name = "shsnap",
@@ -83,6 +85,20 @@ enum Cmd {
         /// Snapshot id.
         a: String,
         /// Snapshot id, or "origin".
+        b: String,
+    },
+    /// Chunk ranges whose content differs between two devices or files, read whole (what
+    /// a delta costs without the store; checks a replica against its source).
+    Compare {
+        /// Chunk size in 512-byte sectors.
+        #[arg(long, default_value_t = 128)]
+        chunk_sectors: u32,
+        /// Print only the summary line.
+        #[arg(long, short)]
+        quiet: bool,
+        /// First device or file.
+        a: String,
+        /// Second device or file.
         b: String,
     },
     /// Check a replication stream (Documentation/stream.md) record by record; exit 0 only if
@@ -511,6 +527,31 @@ fn receive(secondary: &str, query: bool, force: bool) -> Result<ExitCode, ExitCo
 
 fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
     match cli.cmd {
+        Cmd::Compare {
+            chunk_sectors,
+            quiet,
+            a,
+            b,
+        } => {
+            let cb = chunk_sectors as usize * 512;
+            let (ranges, bytes) = compare::compare(&a, &b, cb).map_err(|e| {
+                eprintln!("shsnap compare: {}", e);
+                ExitCode::from(2)
+            })?;
+            let chunks: u64 = ranges.iter().map(|(s, e)| e - s).sum();
+            if !quiet {
+                for (s, e) in &ranges {
+                    println!("{}+{}", s, e - s);
+                }
+            }
+            println!(
+                "{} chunks differ of {} ({} bytes compared)",
+                chunks,
+                bytes.div_ceil(cb as u64),
+                bytes
+            );
+            Ok(ExitCode::from(u8::from(chunks != 0)))
+        }
         Cmd::Send {
             origin,
             snap,
@@ -659,14 +700,30 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 );
             } else {
                 println!(
-                    "chunk_sectors {} data {}/{} metadata {}/{} depth {}",
-                    r.chunk_sectors, r.data_used, r.data_total, r.meta_used, r.meta_total, r.depth
+                    "uuid {} chunk_sectors {} data {}/{} metadata {}/{} depth {}",
+                    r.uuid,
+                    r.chunk_sectors,
+                    r.data_used,
+                    r.data_total,
+                    r.meta_used,
+                    r.meta_total,
+                    r.depth
                 );
-                for s in &r.snapshots {
+                if let Some(src) = &r.source_uuid {
                     println!(
+                        "replication source {} progress {} bytes",
+                        src, r.progress_bytes
+                    );
+                }
+                for s in &r.snapshots {
+                    print!(
                         "snapshot id {} slot {} {} seq {} owned {}",
                         s.id, s.slot, s.state, s.create_seq, s.owned
                     );
+                    if s.source_seq != 0 {
+                        print!(" replica of seq {}", s.source_seq);
+                    }
+                    println!();
                 }
                 for e in map.values().flatten() {
                     println!(

@@ -43,12 +43,21 @@ for kind in $kinds; do
         blockdev --flushbufs /dev/vdb
         if timeout 60 dmsetup create ho --table "0 $LEN shared-origin /dev/vda /dev/vdb 16" 2>/dev/null; then
             loaded=$((loaded + 1)); mapper_nodes
-            # Use every path: snapshot reads and writes, origin writes, create, delete.
+            # Use every path: snapshot reads and writes, origin writes, create, delete, and the
+            # replication messages.
             timeout 60 dmsetup create hs1 --table "0 $LEN shared-snapshot $(odev ho) 1" 2>/dev/null && mapper_nodes
             timeout 60 dd if=/dev/mapper/hs1 of=/dev/null bs=1M iflag=direct status=none 2>/dev/null
             timeout 60 dd if=/dev/urandom of=/dev/mapper/hs1 bs=64k count=16 oflag=direct status=none 2>/dev/null
             timeout 120 $ORACLE write origin /dev/mapper/ho --count 200 --max 64 --seed 9 >/dev/null 2>&1
             timeout 60 dmsetup message ho 0 create 7 >/dev/null 2>&1
+            # The replication messages walk the whole tree and the snapshot table.
+            timeout 60 dmsetup message ho 0 info >/dev/null 2>&1
+            next=0
+            for _ in $(seq 1 200); do
+                out=$(timeout 60 dmsetup message ho 0 delta 1 7 $next 2>/dev/null) || break
+                case $out in *next\ *) next=${out##*next } ;; *) break ;; esac
+            done
+            timeout 60 dmsetup message ho 0 progress 0123 >/dev/null 2>&1
             dmsetup remove hs1 >/dev/null 2>&1
             timeout 60 dmsetup message ho 0 delete 1 >/dev/null 2>&1
             sleep 0.5
