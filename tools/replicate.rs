@@ -467,6 +467,14 @@ pub fn plan_send(
         }),
         resume,
     };
+    if h.chunks() != info.chunks {
+        return Err(format!(
+            "info counts {} chunks, the table's {} sectors make {}",
+            info.chunks,
+            origin_sectors,
+            h.chunks()
+        ));
+    }
     if resume.is_some_and(|r| r.chunk == h.chunks()) {
         return Err(
             "the interrupted transfer has every chunk but not its end: a resumed stream \
