@@ -120,8 +120,11 @@ section "sender errors"
 $SHSNAP send p --snap 9 2>/tmp/err | head -c 100 >/dev/null; rc=${PIPESTATUS[0]}; cat /tmp/err
 check "a broken pipe: exit 1" sh -c "[ $rc = 1 ] && grep -q 'writing the stream: Broken pipe' /tmp/err"
 check "no send device left after the error" no_send_device
-$SHSNAP send p --snap 9 --base 8 -o /tmp/s9 2>/dev/null
-head -c 300 /tmp/s9 | $SHSNAP receive s 2>/tmp/err
+# A token of a transfer of 10 on base 8 (the header and part of a record), then 8 deleted.
+dd if=/dev/urandom of=/dev/mapper/p bs=1M count=4 seek=1 oflag=direct status=none
+dmsetup message p 0 create 10
+$SHSNAP send p --snap 10 --base 8 -o /tmp/s10 2>/dev/null
+head -c 300 /tmp/s10 | $SHSNAP receive s 2>/tmp/err
 tok=$(token_of /tmp/err)
 dmsetup message p 0 delete 8
 $SHSNAP send p --resume "$tok" 2>/tmp/err >/dev/null; rc=$?; cat /tmp/err
