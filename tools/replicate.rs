@@ -1329,9 +1329,11 @@ pub enum ReceiveError {
 
 /// `shsnap receive`: applies the stream read from `input` to the secondary origin and takes
 /// the replica snapshot.
+/// `checkpoint_every`: bytes applied between two durable progress records.
 pub fn receive<R: Read>(
     secondary: &str,
     force: bool,
+    checkpoint_every: u64,
     input: R,
 ) -> Result<ReceiveReport, ReceiveError> {
     let t0 = Instant::now();
@@ -1370,7 +1372,7 @@ pub fn receive<R: Read>(
         dev,
     };
     let pending = h.resume.and(info.progress_token());
-    let summary = apply(&mut reader, &mut sec, pending, PROGRESS_EVERY).map_err(|e| match e {
+    let summary = apply(&mut reader, &mut sec, pending, checkpoint_every).map_err(|e| match e {
         ApplyError::Defect { defect, token } => ReceiveError::Defect {
             defect,
             token: Some(token),

@@ -140,6 +140,11 @@ enum Cmd {
         /// Receive a full stream even if the replicas here are of another store.
         #[arg(long)]
         force: bool,
+        /// MiB applied between two durable progress records (each costs a flush of the
+        /// secondary and a commit of its store): how much an interrupted transfer may
+        /// have to send again.
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+        checkpoint_mb: u64,
     },
     /// Write a stream of chunks of a raw image as the target's content (for tests).
     #[command(hide = true)]
@@ -482,7 +487,12 @@ fn send(args: replicate::SendArgs) -> Result<ExitCode, ExitCode> {
     }
 }
 
-fn receive(secondary: &str, query: bool, force: bool) -> Result<ExitCode, ExitCode> {
+fn receive(
+    secondary: &str,
+    query: bool,
+    force: bool,
+    checkpoint_every: u64,
+) -> Result<ExitCode, ExitCode> {
     use replicate::ReceiveError;
     if query {
         return match replicate::query(secondary) {
@@ -501,7 +511,7 @@ fn receive(secondary: &str, query: bool, force: bool) -> Result<ExitCode, ExitCo
         return Err(ExitCode::from(1));
     }
     let input = std::io::BufReader::with_capacity(1 << 20, std::io::stdin().lock());
-    let token = match replicate::receive(secondary, force, input) {
+    let token = match replicate::receive(secondary, force, checkpoint_every, input) {
         Ok(report) => {
             println!("{}", report);
             return Ok(ExitCode::SUCCESS);
@@ -569,7 +579,8 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             secondary,
             query,
             force,
-        } => receive(&secondary, query, force),
+            checkpoint_mb,
+        } => receive(&secondary, query, force, checkpoint_mb << 20),
         Cmd::VerifyStream { json, file } => verify_stream(&file, json),
         Cmd::MakeStream {
             image,

@@ -6,8 +6,9 @@
 # whose base was deleted, and a mounted secondary.
 . "$(dirname "$0")/lib.sh"
 setup_guest
-PSZ=$((160 * 2048 + 3))   # 160 MiB and 3 sectors: the last 8 KiB chunk is short
+PSZ=$((48 * 2048 + 3))    # 48 MiB and 3 sectors: the last 8 KiB chunk is short
 CH=16
+NCH=$(( (PSZ + CH - 1) / CH ))
 COW=131072
 # Primary p on vda; secondary s (8 sectors larger) on vdb; secondary t on ram0.
 dmsetup create po --table "0 $PSZ linear /dev/vda 0"
@@ -23,7 +24,7 @@ dmsetup create s --table "0 $((PSZ + 8)) shared-origin /dev/mapper/so /dev/mappe
 dmsetup create t --table "0 $PSZ shared-origin /dev/mapper/to /dev/mapper/tc $CH"
 mapper_nodes
 BYTES=$((PSZ * 512))
-dd if=/dev/urandom of=/dev/mapper/p bs=1M count=160 oflag=direct status=none
+dd if=/dev/urandom of=/dev/mapper/p bs=1M count=48 oflag=direct status=none
 dd if=/dev/urandom of=/dev/mapper/p bs=512 count=3 seek=$((PSZ - 3)) oflag=direct status=none
 uuid=$(dmsetup message p 0 info | awk '$1 == "store" { print $2 }')
 
@@ -48,10 +49,10 @@ token_of() { sed -n 's/^shsnap receive: resume token: //p' "$1"; }
 
 section "full"
 dmsetup message p 0 create 5
-check "send --snap 5 | receive s" sh -c "set -o pipefail; $SHSNAP send p --snap 5 2>/tmp/send.err | $SHSNAP receive s >/tmp/recv.out"
+check "send --snap 5 | receive s" bash -c "set -o pipefail; $SHSNAP send p --snap 5 2>/tmp/send.err | $SHSNAP receive s >/tmp/recv.out"
 cat /tmp/send.err /tmp/recv.out
-check "the send line" grep -qE "^shsnap send: snapshot 5 \(seq 1\) base - chunks 20481 data_bytes $BYTES stream_bytes [0-9]+ seconds [0-9.]+$" /tmp/send.err
-check "the receive line" grep -qE "^received snapshot 5 source $uuid:1 chunks 20481 data_bytes $BYTES seconds [0-9.]+$" /tmp/recv.out
+check "the send line" grep -qE "^shsnap send: snapshot 5 \(seq 1\) base - chunks $NCH data_bytes $BYTES stream_bytes [0-9]+ seconds [0-9.]+$" /tmp/send.err
+check "the receive line" grep -qE "^received snapshot 5 source $uuid:1 chunks $NCH data_bytes $BYTES seconds [0-9.]+$" /tmp/recv.out
 check "s holds snapshot 5" same_as 5 /dev/mapper/s
 check "s's replica 5 reads as p's snapshot 5" replica_same 5 s
 check "the sectors of s past the origin are untouched" cmp -n 4096 -i $BYTES:0 /dev/mapper/s /dev/zero
@@ -63,7 +64,7 @@ section "incremental"
 dd if=/dev/urandom of=/dev/mapper/p bs=64k count=40 seek=100 oflag=direct status=none
 dd if=/dev/urandom of=/dev/mapper/p bs=512 count=3 seek=$((PSZ - 3)) oflag=direct status=none
 dmsetup message p 0 create 6
-check "send --snap 6 --base 5 | receive s" sh -c "set -o pipefail; $SHSNAP send p --snap 6 --base 5 2>/tmp/send.err | $SHSNAP receive s >/tmp/recv.out"
+check "send --snap 6 --base 5 | receive s" bash -c "set -o pipefail; $SHSNAP send p --snap 6 --base 5 2>/tmp/send.err | $SHSNAP receive s >/tmp/recv.out"
 cat /tmp/send.err /tmp/recv.out
 check "only the changed chunks are sent" grep -q "base 5 chunks 321 " /tmp/send.err
 check "s holds snapshot 6" same_as 6 /dev/mapper/s
@@ -84,35 +85,37 @@ $SHSNAP send p --snap 7 2>/dev/null | $SHSNAP receive /dev/mapper/s 2>/tmp/err >
 check "a full stream newer than the replicas is taken (by /dev/mapper path)" test $rc = 0
 
 section "a cut stream, resumed"
-dd if=/dev/urandom of=/dev/mapper/p bs=1M count=100 seek=20 oflag=direct status=none
+# Drop the snapshots already compared, and change 16 MiB.
+dmsetup message p 0 delete 5; dmsetup message p 0 delete 6
+dd if=/dev/urandom of=/dev/mapper/p bs=1M count=16 seek=20 oflag=direct status=none
 dmsetup message p 0 create 8
-$SHSNAP send p --snap 8 --base 7 -o /tmp/s8 2>/dev/null
-head -c 50000000 /tmp/s8 | $SHSNAP receive s >/tmp/recv.out 2>/tmp/err; rc=$?; cat /tmp/err
+$SHSNAP send p --snap 8 --base 7 -o /tmp/s8
+head -c 8000000 /tmp/s8 | $SHSNAP receive s >/tmp/recv.out 2>/tmp/err; rc=$?; cat /tmp/err
 check "a cut stream: exit 1 with a resume token" sh -c "[ $rc = 1 ] && grep -q '^shsnap receive: truncated' /tmp/err && [ -n \"\$(sed -n 's/^shsnap receive: resume token: //p' /tmp/err)\" ] && [ ! -s /tmp/recv.out ]"
 tok=$(token_of /tmp/err)
 check "--query shows the token" sh -c "$SHSNAP receive s --query | grep -qx 'resume $tok'"
 dmsetup message p 0 create 9
 $SHSNAP send p --snap 9 --base 7 2>/dev/null | $SHSNAP receive s 2>/tmp/err; cat /tmp/err
 check "another transfer is refused while one is pending" grep -q 'refused: an interrupted receive of seq 4 is pending: resume it' /tmp/err
-check "send --resume | receive" sh -c "set -o pipefail; $SHSNAP send p --resume '$tok' 2>/tmp/send.err | $SHSNAP receive s >/tmp/recv.out"
+check "send --resume | receive" bash -c "set -o pipefail; $SHSNAP send p --resume '$tok' 2>/tmp/send.err | $SHSNAP receive s >/tmp/recv.out"
 cat /tmp/send.err /tmp/recv.out
 check "s holds snapshot 8" same_as 8 /dev/mapper/s
 check "s's replica 8 reads as p's snapshot 8" replica_same 8 s
 
 section "a receiver killed, resumed"
-# 120 MB of the stream (past the first 64 MiB progress record), then the receiver waits
-# for more on a fifo held open, and is killed.
+# 40 MB of the stream (past the first progress records, every 8 MiB), then the receiver
+# waits for more on a fifo held open, and is killed.
 rm -f /tmp/fifo; mkfifo /tmp/fifo
-$SHSNAP receive t </tmp/fifo >/dev/null 2>&1 &
+$SHSNAP receive t --checkpoint-mb 8 </tmp/fifo >/dev/null 2>&1 &
 rpid=$!
 exec 9>/tmp/fifo
-$SHSNAP send p --snap 8 2>/dev/null | head -c 120000000 >&9
+$SHSNAP send p --snap 8 2>/dev/null | head -c 40000000 >&9
 sleep 5
 kill -9 $rpid; wait $rpid 2>/dev/null
 exec 9>&-
 tok=$($SHSNAP receive t --query | sed -n 's/^resume //p')
 check "the killed receive left a resume token" test -n "$tok" -a "$tok" != -
-check "send --resume | receive after the kill" sh -c "set -o pipefail; $SHSNAP send p --resume '$tok' 2>/dev/null | $SHSNAP receive t >/dev/null"
+check "send --resume | receive after the kill" bash -c "set -o pipefail; $SHSNAP send p --resume '$tok' 2>/dev/null | $SHSNAP receive t >/dev/null"
 check "t holds snapshot 8" same_as 8 /dev/mapper/t
 check "t's replica 8 reads as p's snapshot 8" replica_same 8 t
 
@@ -131,10 +134,10 @@ $SHSNAP send p --resume "$tok" 2>/tmp/err >/dev/null; rc=$?; cat /tmp/err
 check "resuming after the base was deleted names it" sh -c "[ $rc = 1 ] && grep -q 'base (creation sequence 4) is no longer a live snapshot' /tmp/err"
 
 section "a mounted secondary"
-mkfs.ext4 -q -F /dev/mapper/t && mkdir -p /mnt/t && mount /dev/mapper/t /mnt/t
+mkfs.ext4 -q -F /dev/mapper/t && mkdir -p /tmp/mnt-t && mount /dev/mapper/t /tmp/mnt-t
 $SHSNAP send p --snap 9 2>/dev/null | $SHSNAP receive t 2>/tmp/err; rc=$?; cat /tmp/err
 check "receive refuses a mounted secondary" sh -c "[ $rc = 1 ] && grep -q 'mounted or in use' /tmp/err"
-umount /mnt/t
+umount /tmp/mnt-t
 
 dmsetup remove_all >/dev/null 2>&1
 check "rmmod" rmmod dm_shared_snap
