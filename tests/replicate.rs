@@ -9,6 +9,7 @@ mod common;
 use common::seed;
 use rand::rngs::SmallRng;
 use rand::{RngCore, SeedableRng};
+use shsnap_core::dm_ioctl::TargetLine;
 use shsnap_core::replicate::*;
 use shsnap_core::stream::*;
 use std::io::{self, Cursor};
@@ -222,6 +223,69 @@ fn tables_parse() {
                 id: 3
             },
         ]
+    );
+    // The same from the ioctls' tables: a device of more than one target, or whose one
+    // target does not start at 0 or is not `<origin_dev> <id>`, is no snapshot device.
+    let t = |start, len, ttype: &str, params: &str| TargetLine {
+        start,
+        len,
+        ttype: ttype.into(),
+        params: params.into(),
+    };
+    let tables = vec![
+        (
+            "vol-monday".to_string(),
+            vec![t(0, 2097152, "shared-snapshot", "254:0 3")],
+        ),
+        (
+            "split".to_string(),
+            vec![
+                t(0, 8, "shared-snapshot", "254:0 4"),
+                t(8, 8, "linear", "7:0 0"),
+            ],
+        ),
+        (
+            "odd".to_string(),
+            vec![t(8, 8, "shared-snapshot", "254:0 5")],
+        ),
+        (
+            "extra".to_string(),
+            vec![t(0, 8, "shared-snapshot", "254:0 5 x")],
+        ),
+        (
+            "bad-id".to_string(),
+            vec![t(0, 8, "shared-snapshot", "254:0 +5")],
+        ),
+        (
+            "origin".to_string(),
+            vec![t(0, 8, "shared-origin", "254:0 254:1 16")],
+        ),
+        ("empty".to_string(), vec![]),
+        (
+            "shsnap-send-vol-7".to_string(),
+            vec![t(0, 2097152, "shared-snapshot", "254:0 7")],
+        ),
+    ];
+    assert_eq!(
+        snapshot_devices(&tables),
+        vec![
+            SnapshotTable {
+                name: "vol-monday".into(),
+                sectors: 2097152,
+                origin_dev: "254:0".into(),
+                id: 3
+            },
+            SnapshotTable {
+                name: "shsnap-send-vol-7".into(),
+                sectors: 2097152,
+                origin_dev: "254:0".into(),
+                id: 7
+            },
+        ]
+    );
+    assert_eq!(
+        t(0, 8, "shared-origin", "254:0 254:1 16").to_string(),
+        "0 8 shared-origin 254:0 254:1 16"
     );
     assert_eq!(device_name("/dev/mapper/vol").unwrap(), "vol");
     assert_eq!(device_name("vol").unwrap(), "vol");

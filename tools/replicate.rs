@@ -3,17 +3,18 @@
 //! the origin's replication messages `info`, `delta`, `progress` and
 //! `create <id> <source_uuid> <source_seq>` (`Documentation/targets.md`).
 //!
-//! What decides is pure and tested without a kernel: the parsers of what dmsetup prints
-//! ([`parse_info`], [`parse_delta`], [`parse_origin_table`], [`parse_snapshot_tables`]), the
+//! What decides is pure and tested without a kernel: the parsers of what the kernel prints
+//! ([`parse_info`], [`parse_delta`], [`parse_origin_table`], [`snapshot_devices`]), the
 //! sender's choice of snapshots ([`plan_send`]) and the receiver's accept-or-refuse decision
 //! ([`decide`]).  The two loops, [`write_stream`] and [`apply`], reach the kernel through
 //! the traits [`Primary`] and [`Secondary`]; [`send`], [`receive`] and [`query`] bind them
-//! to dmsetup and the mapped devices.
+//! to the device-mapper ioctls ([`crate::dm_ioctl`]) and the mapped devices.
 #![expect(
     clippy::result_large_err,
     reason = "the errors carry the defect and the resume token to print; they end the command"
 )]
 
+use crate::dm_ioctl::{self, TargetLine};
 use crate::stream::{
     Header, ResumePoint, ResumeToken, SnapIdentity, StreamError, StreamReader, StreamWriter,
     Summary, END_LEN, RECORD_HEAD, RECORD_TAIL,
@@ -24,7 +25,6 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, IsTerminal, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::process::{Command, Stdio};
 use std::string::{String, ToString};
 use std::time::Instant;
 use std::vec;
@@ -277,7 +277,7 @@ pub fn parse_delta(text: &str, start: u64) -> Result<DeltaPage, String> {
     Ok(DeltaPage { ranges, next })
 }
 
-/// The table of an active `shared-origin` device (`dmsetup table NAME`).
+/// The table of an active `shared-origin` device (`dmsetup table NAME`, [`dm_ioctl::table`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OriginTable {
     /// The origin's size in sectors (the table's length).
@@ -314,7 +314,7 @@ pub fn parse_origin_table(text: &str) -> Result<OriginTable, String> {
     }
 }
 
-/// An active `shared-snapshot` device, from `dmsetup table`.
+/// An active `shared-snapshot` device, from the tables of all devices ([`dm_ioctl::tables`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotTable {
     /// Its dm name.
@@ -327,21 +327,18 @@ pub struct SnapshotTable {
     pub id: u32,
 }
 
-/// The devices whose whole table is one `0 <len> shared-snapshot <origin_dev> <id>` line,
-/// from the `<name>: <table line>` lines of `dmsetup table` (other lines are skipped).
-pub fn parse_snapshot_tables(text: &str) -> Vec<SnapshotTable> {
-    let mut lines: Vec<(&str, &str)> = text.lines().filter_map(|l| l.split_once(": ")).collect();
-    lines.sort_by_key(|&(name, _)| name);
+/// The devices whose whole table is one `0 <len> shared-snapshot <origin_dev> <id>` target,
+/// in the order of `tables` (device name, its targets).
+pub fn snapshot_devices(tables: &[(String, Vec<TargetLine>)]) -> Vec<SnapshotTable> {
     let mut out = Vec::new();
-    for (i, &(name, table)) in lines.iter().enumerate() {
-        let alone = (i == 0 || lines[i - 1].0 != name)
-            && lines.get(i + 1).is_none_or(|next| next.0 != name);
-        let w: Vec<&str> = table.split_whitespace().collect();
-        if let (true, ["0", len, "shared-snapshot", origin, id]) = (alone, w.as_slice()) {
-            if let (Some(sectors), Some(id)) = (number(len), number(id)) {
+    for (name, targets) in tables {
+        let [t] = targets.as_slice() else { continue };
+        let w: Vec<&str> = t.params.split_whitespace().collect();
+        if let (0, "shared-snapshot", [origin, id]) = (t.start, t.ttype.as_str(), w.as_slice()) {
+            if let Some(id) = number(id) {
                 out.push(SnapshotTable {
-                    name: name.to_string(),
-                    sectors,
+                    name: name.clone(),
+                    sectors: t.len,
                     origin_dev: origin.to_string(),
                     id,
                 });
@@ -349,6 +346,35 @@ pub fn parse_snapshot_tables(text: &str) -> Vec<SnapshotTable> {
         }
     }
     out
+}
+
+/// [`snapshot_devices`] of the `<name>: <start> <len> <type> <params>` lines of `dmsetup
+/// table` (other lines are skipped), sorted by name.
+pub fn parse_snapshot_tables(text: &str) -> Vec<SnapshotTable> {
+    let mut tables: Vec<(String, Vec<TargetLine>)> = Vec::new();
+    let mut lines: Vec<(&str, &str)> = text.lines().filter_map(|l| l.split_once(": ")).collect();
+    lines.sort_by_key(|&(name, _)| name);
+    for (name, line) in lines {
+        let mut w = line.splitn(4, ' ');
+        let (Some(start), Some(len), Some(ttype)) = (
+            w.next().and_then(number),
+            w.next().and_then(number),
+            w.next(),
+        ) else {
+            continue;
+        };
+        let t = TargetLine {
+            start,
+            len,
+            ttype: ttype.to_string(),
+            params: w.next().unwrap_or("").to_string(),
+        };
+        match tables.last_mut() {
+            Some((n, targets)) if n == name => targets.push(t),
+            _ => tables.push((name.to_string(), vec![t])),
+        }
+    }
+    snapshot_devices(&tables)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -962,7 +988,7 @@ impl<S: Secondary> Applier<'_, S> {
 }
 
 // ---------------------------------------------------------------------------------------
-// dmsetup and the mapped devices.
+// The device-mapper ioctls and the mapped devices.
 
 /// The dm name of `arg`: a name, or `/dev/mapper/NAME`.
 pub fn device_name(arg: &str) -> Result<String, String> {
@@ -973,40 +999,17 @@ pub fn device_name(arg: &str) -> Result<String, String> {
     Ok(name.to_string())
 }
 
-/// Runs dmsetup (standard input closed: `receive` reads the stream there); its standard
-/// output, or an error naming the command and what dmsetup said.
-fn dmsetup(args: &[&str]) -> Result<String, String> {
-    let shown = || format!("dmsetup {}", args.join(" "));
-    let out = Command::new("dmsetup")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("{}: {}", shown(), e))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{}: {} ({})",
-            shown(),
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .collect::<Vec<_>>()
-                .join("; "),
-            out.status
-        ));
-    }
-    String::from_utf8(out.stdout).map_err(|_| format!("{}: output is not UTF-8", shown()))
-}
-
-/// `dmsetup message <dev> 0 <words>`.
+/// The message `<words>` to the origin `dev` (at sector 0): what it printed.
 fn message(dev: &str, words: &[&str]) -> Result<String, String> {
-    let mut args = vec!["message", dev, "0"];
-    args.extend_from_slice(words);
-    dmsetup(&args)
+    dm_ioctl::message(dev, 0, &words.join(" "))
 }
 
 fn origin_table(name: &str) -> Result<OriginTable, String> {
-    parse_origin_table(&dmsetup(&["table", name])?).map_err(|e| format!("{}: {}", name, e))
+    let lines: Vec<String> = dm_ioctl::table(name)?
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
+    parse_origin_table(&lines.join("\n")).map_err(|e| format!("{}: {}", name, e))
 }
 
 fn store_info(name: &str) -> Result<StoreInfo, String> {
@@ -1025,8 +1028,9 @@ impl SnapDevice {
     /// snapshot, whole), else a read-only one made as `shsnap-send-<origin>-<id>`.
     fn acquire(origin: &str, table: &OriginTable, id: u32) -> Result<SnapDevice, String> {
         let ours = format!("shsnap-send-{}-{}", origin, id);
-        let active = dmsetup(&["table", "--target", "shared-snapshot"])?;
-        let found = parse_snapshot_tables(&active)
+        let mut all = dm_ioctl::tables()?;
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        let found = snapshot_devices(&all)
             .into_iter()
             .find(|t| t.origin_dev == table.origin_dev && t.id == id && t.sectors >= table.sectors);
         let dev = match found {
@@ -1035,24 +1039,26 @@ impl SnapDevice {
                 name: t.name,
             },
             None => {
-                if dmsetup(&["info", &ours]).is_ok() {
+                if dm_ioctl::exists(&ours)? {
                     return Err(format!(
                         "{} exists but is not snapshot {} of {}: remove it",
                         ours, id, origin
                     ));
                 }
-                let line = format!(
-                    "0 {} shared-snapshot {} {}",
-                    table.sectors, table.origin_dev, id
-                );
-                dmsetup(&["create", &ours, "--readonly", "--table", &line])?;
+                let line = TargetLine {
+                    start: 0,
+                    len: table.sectors,
+                    ttype: "shared-snapshot".to_string(),
+                    params: format!("{} {}", table.origin_dev, id),
+                };
+                dm_ioctl::create(&ours, true, &[line])?;
                 SnapDevice {
                     name: ours,
                     owned: true,
                 }
             }
         };
-        dmsetup(&["mknodes", &dev.name])?;
+        dm_ioctl::mknod(&dev.name)?;
         Ok(dev)
     }
 
@@ -1064,7 +1070,7 @@ impl SnapDevice {
 impl Drop for SnapDevice {
     fn drop(&mut self) {
         if self.owned {
-            if let Err(e) = dmsetup(&["remove", &self.name]) {
+            if let Err(e) = dm_ioctl::remove(&self.name) {
                 std::eprintln!("shsnap send: warning: {}", e);
             }
         }
@@ -1347,7 +1353,7 @@ pub fn receive<R: Read>(
     })?;
     let h = *reader.header();
     decide(&h, &info, table.sectors, force).map_err(ReceiveError::Refused)?;
-    dmsetup(&["mknodes", &name]).map_err(failed)?;
+    dm_ioctl::mknod(&name).map_err(failed)?;
     let path = format!("/dev/mapper/{}", name);
     // O_EXCL: a block device mounted or held by another program is refused (EBUSY).
     let dev = OpenOptions::new()
