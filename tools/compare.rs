@@ -26,7 +26,7 @@ fn fill(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
 /// The chunk ranges `[first, end)` of `chunk_bytes` that differ between `a` and `b`, and the
 /// bytes compared.  A chunk past the end of one of them differs when the other has it.
 pub fn compare(a: &str, b: &str, chunk_bytes: usize) -> Result<(Vec<(u64, u64)>, u64), String> {
-    if chunk_bytes == 0 || STEP % chunk_bytes != 0 {
+    if chunk_bytes == 0 || !STEP.is_multiple_of(chunk_bytes) {
         return Err(format!(
             "chunk size must divide {} bytes and not be 0",
             STEP
