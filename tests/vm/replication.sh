@@ -38,7 +38,7 @@ REAL_SHSNAP=$SHSNAP
 MB=${ORIGIN_MB:-16}
 LEN=$((MB * 2048))          # origin sectors
 COWLEN=$((64 * 2048))       # 64 MiB COW devices
-XCOWLEN=$((32 * 2048))      # the other store's
+XCOWLEN=$((64 * 2048))      # the other store's (then the delta section's)
 CH=128                      # 64 KiB chunks
 DCH=32                      # 16 KiB chunks for the delta section
 ROUNDS=${ROUNDS:-10}
@@ -184,6 +184,7 @@ snap_sha() { # origin id: sha256 of the whole snapshot device
 # be replicated, mark() records the origin's sha256 and the next creation sequence; after
 # it, assign() gives that sha256 to every snapshot created since (seq >= the mark).
 declare -A PHASH
+VERIFIED=0
 mark() { MARK_SHA=$(dev_sha /dev/mapper/pri); MARK_SEQ=$(next_seq pri); }
 assign() {
     local id seq rest
@@ -462,7 +463,7 @@ compare() {
     echo "  delta $a..$b: $(wc -l < /tmp/d.listed) chunks listed in $PAGES pages, $(wc -l < /tmp/d.differ) differ, $(wc -l < /tmp/d.missed) missed, $(wc -l < /tmp/d.fp) false positives ($(comm -12 /tmp/d.fp /tmp/d.same | wc -l) of them written again with the same data)"
     FP_TOTAL=$((FP_TOTAL + $(wc -l < /tmp/d.fp)))
 }
-FP_TOTAL=0; DSNAP=0
+FP_TOTAL=0; DSNAP=0; PAGES=0
 dsnap() { DSNAP=$((DSNAP + 1)); "$CTL" create dlt "d$DSNAP" > /dev/null && "$CTL" activate dlt "d$DSNAP" > /dev/null; }
 dwrites() { # random writes (workload 3: also every third chunk), then chunks written again with the same data (listed in $1)
     [ "$w" != 3 ] || python3 /tmp/rewrite.py /dev/mapper/dlt $DCHB stride 3 || return 1
