@@ -166,16 +166,39 @@ mapper_nodes
 
 # ---------------------------------------------------------------------------------------
 # Helpers.
-snaps_info() { dmsetup message "$1" 0 info | awk '$1 == "snap" { print $2, $3, $4, $5 }'; }
-next_seq() { dmsetup message "$1" 0 info | awk '$1 == "store" { for (i = 1; i < NF; i++) if ($i == "next_seq") print $(i + 1) }'; }
-id_of_seq() { snaps_info "$1" | awk -v s="$2" '$2 == s { print $1; exit }'; }
-newest() { snaps_info sec | awk '$3 != 0 && $4 == "valid" { print $3, $1 }' | sort -n | tail -1; }  # "source_seq id"
-dev_sha() { dd if="$1" bs=1M iflag=direct status=none | sha256sum | awk '{ print $1 }'; }
-snap_sha() { # origin id: sha256 of the whole snapshot device
-    local dev=chk-$1-$2 sum
-    dmsetup create "$dev" --table "0 $LEN shared-snapshot $(odev "$1") $2" > /dev/null || { echo "cannot activate snapshot $2 of $1"; return 1; }
+# (Few processes per helper: each costs tens of ms in a TCG guest.)
+# load ORIGIN: its `info` message as L_IDS (ids in slot order), L_SEQ[id], L_SRC[id],
+# L_ST[id], L_NEXT (the next creation sequence).
+declare -A L_SEQ L_SRC L_ST ODEV
+load() {
+    local out w i
+    L_IDS=(); L_SEQ=(); L_SRC=(); L_ST=(); L_NEXT=""
+    out=$(dmsetup message "$1" 0 info) || return 1
+    while read -r -a w; do
+        case "${w[0]:-}" in
+            store) for ((i = 2; i + 1 < ${#w[@]}; i++)); do [ "${w[i]}" != next_seq ] || L_NEXT=${w[i + 1]}; done ;;
+            snap) L_IDS+=("${w[1]}"); L_SEQ[${w[1]}]=${w[2]}; L_SRC[${w[1]}]=${w[3]}; L_ST[${w[1]}]=${w[4]} ;;
+        esac
+    done <<< "$out"
+}
+snaps_info() { load "$1" || return 1; local id; for id in "${L_IDS[@]}"; do echo "$id ${L_SEQ[$id]} ${L_SRC[$id]} ${L_ST[$id]}"; done; }
+next_seq() { load "$1" && echo "$L_NEXT"; }
+id_of_seq() { load "$1" || return 1; local id; for id in "${L_IDS[@]}"; do [ "${L_SEQ[$id]}" != "$2" ] || { echo "$id"; return 0; }; done; }
+newest() { # the secondary's newest valid replica: "source_seq id"
+    load sec || return 1
+    local id best=0 bid=""
+    for id in "${L_IDS[@]}"; do
+        if [ "${L_ST[$id]}" = valid ] && [ "${L_SRC[$id]}" -gt "$best" ]; then best=${L_SRC[$id]}; bid=$id; fi
+    done
+    [ -z "$bid" ] || echo "$best $bid"
+}
+dev_sha() { local sum; read -r sum _ < <(dd if="$1" bs=1M iflag=direct status=none | sha256sum); echo "$sum"; }
+snap_sha() { # origin id: SHA, the sha256 of the whole snapshot device
+    local dev=chk-$1-$2 sum=""
+    [ -n "${ODEV[$1]:-}" ] || ODEV[$1]=$(odev "$1")
+    dmsetup create "$dev" --table "0 $LEN shared-snapshot ${ODEV[$1]} $2" > /dev/null || { echo "cannot activate snapshot $2 of $1"; return 1; }
     dmsetup mknodes "$dev" > /dev/null 2>&1
-    sum=$(timeout 300 dd if="/dev/mapper/$dev" bs=1M iflag=direct status=none | sha256sum | awk '{ print $1 }')
+    read -r sum _ < <(timeout 300 dd if="/dev/mapper/$dev" bs=1M iflag=direct status=none | sha256sum)
     dmsetup remove "$dev" > /dev/null 2>&1 || { sleep 1; dmsetup remove "$dev"; } || return 1
     [ ${#sum} = 64 ] || return 1
     SHA=$sum
@@ -185,20 +208,22 @@ snap_sha() { # origin id: sha256 of the whole snapshot device
 # it, assign() gives that sha256 to every snapshot created since (seq >= the mark).
 declare -A PHASH
 VERIFIED=0
-mark() { MARK_SHA=$(dev_sha /dev/mapper/pri); MARK_SEQ=$(next_seq pri); }
+mark() { MARK_SHA=$(dev_sha /dev/mapper/pri); load pri; MARK_SEQ=$L_NEXT; }
 assign() {
-    local id seq rest
-    while read -r id seq rest; do
+    local id seq
+    load pri
+    for id in "${L_IDS[@]}"; do
+        seq=${L_SEQ[$id]}
         [ "$seq" -ge "$MARK_SEQ" ] && [ -z "${PHASH[$seq]:-}" ] && PHASH[$seq]=$MARK_SHA
-    done < <(snaps_info pri)
+    done
     true
 }
 # The primary's snapshots created since the mark read as the origin did (main rounds).
 primary_reads_as_origin() {
-    local l id seq bad=0 lines
-    mapfile -t lines < <(snaps_info pri)
-    for l in "${lines[@]}"; do
-        read -r id seq _ _ <<< "$l"
+    local id seq bad=0 ids
+    load pri; ids=("${L_IDS[@]}")
+    for id in "${ids[@]}"; do
+        seq=${L_SEQ[$id]}
         [ "$seq" -ge "$MARK_SEQ" ] || continue
         snap_sha pri "$id" || { bad=1; continue; }
         [ "$SHA" = "$MARK_SHA" ] || { echo "primary snapshot $id (seq $seq) differs from the origin it was taken of"; bad=1; }
@@ -208,10 +233,12 @@ primary_reads_as_origin() {
 # Every valid replica on the secondary with a source sequence above ABOVE (default 0: all)
 # reads as its source; VERIFIED: how many were compared.
 verify_secondary() { # [above]
-    local above=${1:-0} l id seq src st n=0 bad=0 lines
-    mapfile -t lines < <(snaps_info sec)
-    for l in "${lines[@]}"; do
-        read -r id seq src st <<< "$l"
+    local above=${1:-0} id src st n=0 bad=0 ids
+    load sec; ids=("${L_IDS[@]}")
+    declare -A srcs sts
+    for id in "${ids[@]}"; do srcs[$id]=${L_SRC[$id]}; sts[$id]=${L_ST[$id]}; done
+    for id in "${ids[@]}"; do
+        src=${srcs[$id]}; st=${sts[$id]}
         [ "$src" != 0 ] && [ "$src" -gt "$above" ] || continue
         n=$((n + 1))
         if [ "$st" != valid ]; then echo "replica $id (source seq $src) is invalid"; bad=1; continue; fi
@@ -232,7 +259,7 @@ newest_intact() { # want
     [ "$SHA" = "${PHASH[$1]:-none}" ]
 }
 replicate() { timeout 300 "$CTL" replicate pri --to "$TO" --rounds 1 --keep $KEEP "$@"; }
-last_round() { grep ' round [0-9]*: snapshot ' "$RLOGF" | tail -1 | cut -d' ' -f2-; }
+last_round() { local l r=""; while IFS= read -r l; do [[ $l == *" round "[0-9]*": snapshot "* ]] && r=${l#* }; done < "$RLOGF"; echo "$r"; }
 fio_run() { # fio arguments (jobs); random data, direct I/O
     timeout 300 fio --ioengine=psync --direct=1 --rw=randwrite --refill_buffers --randseed="$RANDOM" \
         --size="${MB}M" --output=/tmp/fio.out "$@"
@@ -241,9 +268,10 @@ fio_chunks() { fio_run --name=origin --filename=/dev/mapper/pri --bs=64k --io_si
 pending_token() { timeout 60 "$CTL" receive sec --query | awk '$1 == "resume" { print $2 }'; }
 reap() { # devices a killed sender left (shsnap-send-*) and ours (chk-*)
     local d
-    for d in $(dmsetup ls 2>/dev/null | awk '$1 ~ /^(shsnap-send-|chk-)/ { print $1 }'); do
+    while read -r d _; do
+        case "$d" in shsnap-send-*|chk-*) ;; *) continue ;; esac
         echo "  (removing $d)"; dmsetup remove "$d" >/dev/null 2>&1 || dmsetup remove --force "$d" >/dev/null 2>&1
-    done
+    done < <(dmsetup ls 2>/dev/null)
     true
 }
 
@@ -448,7 +476,7 @@ delta_chunks() { # origin from to: every chunk the delta lists (all pages); PAGE
         start=$next
     done
 }
-dlt_id() { "$CTL" list dlt | awk -v n="$1" '$2 == n { print $1 }'; }
+dlt_id() { local id n; while read -r id n _; do [ "$n" != "$1" ] || { echo "$id"; return 0; }; done < "$SHSNAP_CTL_DIR/dlt.names"; }
 # compare A B REWRITTEN_FILE (snapshot names): the delta of A..B against the chunks whose
 # content differs; /tmp/d.missed, /tmp/d.fp (lexically sorted, for comm), /tmp/d.same.
 compare() {
@@ -465,8 +493,8 @@ compare() {
 }
 FP_TOTAL=0; DSNAP=0; PAGES=0
 dsnap() { DSNAP=$((DSNAP + 1)); "$CTL" create dlt "d$DSNAP" > /dev/null && "$CTL" activate dlt "d$DSNAP" > /dev/null; }
-dwrites() { # random writes (workload 3: also every third chunk), then chunks written again with the same data (listed in $1)
-    [ "$w" != 3 ] || python3 /tmp/rewrite.py /dev/mapper/dlt $DCHB stride 3 || return 1
+dwrites() { # random writes (workload wl 3: also every third chunk), then chunks written again with the same data (listed in $1)
+    [ "$wl" != 3 ] || python3 /tmp/rewrite.py /dev/mapper/dlt $DCHB stride 3 || return 1
     timeout 300 fio --ioengine=psync --direct=1 --rw=randwrite --refill_buffers --randseed="$RANDOM" --size="${MB}M" \
         --bsrange=4k-64k --name=origin --filename=/dev/mapper/dlt --io_size=$(( (RANDOM % 4 + 1) * 512 ))k --output=/tmp/fio.out || return 1
     local n=$((RANDOM % 12 + 4)) list=""
@@ -476,18 +504,18 @@ dwrites() { # random writes (workload 3: also every third chunk), then chunks wr
     # shellcheck disable=SC2086
     python3 /tmp/rewrite.py /dev/mapper/dlt $DCHB $list
 }
-for w in 1 2 3; do
+for wl in 1 2 3; do
     : > /tmp/d.r1; : > /tmp/d.r2
     A=$((DSNAP + 1)); M=$((DSNAP + 2)); B=$((DSNAP + 3))
-    check "workload $w: snapshot d$A, random writes and rewrites, d$M, more, d$B" \
+    check "workload $wl: snapshot d$A, random writes and rewrites, d$M, more, d$B" \
         eval 'dsnap && dwrites /tmp/d.r1 && dsnap && dwrites /tmp/d.r2 && dsnap'
     mapper_nodes
     sort -u /tmp/d.r1 /tmp/d.r2 > /tmp/d.r12
     for pair in "d$A d$M /tmp/d.r1" "d$M d$B /tmp/d.r2" "d$A d$B /tmp/d.r12"; do
         read -r a b same <<< "$pair"
         compare "$a" "$b" "$same"; crc=$?
-        check "workload $w: delta $a..$b lists every chunk that differs (no false negative)" eval '[ $crc = 0 ] && [ ! -s /tmp/d.missed ]'
-        check "workload $w: delta $a..$b: its false positives are chunks written again with the same data" \
+        check "workload $wl: delta $a..$b lists every chunk that differs (no false negative)" eval '[ $crc = 0 ] && [ ! -s /tmp/d.missed ]'
+        check "workload $wl: delta $a..$b: its false positives are chunks written again with the same data" \
             eval '[ $crc = 0 ] && [ -z "$(comm -23 /tmp/d.fp /tmp/d.same)" ]'
     done
 done
