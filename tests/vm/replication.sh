@@ -229,30 +229,35 @@ hash_snaps() {
     fi
     return $bad
 }
-# The expected content of the primary's snapshots: before anything that takes snapshots to
-# be replicated, mark() records the origin's sha256 and the next creation sequence; after
-# it, assign() gives that sha256 to every snapshot created since (seq >= the mark).
-# NEXT_KNOWN: the primary's next creation sequence as assign() last read it (cleared where
-# the test takes a snapshot of the primary itself).
+# The expected content of the primary's snapshots: before a replicate run, mark() records
+# the origin's sha256 (unless nothing wrote the origin since the last mark) and where the
+# replication log ends; after it, assign() gives that sha256 to the snapshot each round
+# took meanwhile (the log's "round N: snapshot NAME (seq S) ..." lines, of rounds that
+# succeeded or failed), NEW_SEQS.
 declare -A PHASH
-VERIFIED=0; NEXT_KNOWN=""; NEWEST=""
-mark() { # [same]: nothing wrote the origin since the last mark (its sha256 is kept)
+VERIFIED=0; NEWEST=""; MARK_LINES=0; NEW_SEQS=()
+mark() { # [same]
+    local lines=()
     [ "${1:-}" = same ] || MARK_SHA=$(dev_sha /dev/mapper/pri)
-    if [ -n "$NEXT_KNOWN" ]; then MARK_SEQ=$NEXT_KNOWN; else load pri; MARK_SEQ=$L_NEXT; fi
+    MARK_LINES=0
+    [ ! -f "$RLOGF" ] || { mapfile -t lines < "$RLOGF"; MARK_LINES=${#lines[@]}; }
 }
 assign() {
-    local id seq
-    load pri
-    for id in "${L_IDS[@]}"; do
-        seq=${L_SEQ[$id]}
-        [ "$seq" -ge "$MARK_SEQ" ] && [ -z "${PHASH[$seq]:-}" ] && PHASH[$seq]=$MARK_SHA
+    local l seq new=()
+    NEW_SEQS=()
+    [ ! -f "$RLOGF" ] || mapfile -t -s "$MARK_LINES" new < "$RLOGF"
+    for l in "${new[@]}"; do
+        [[ $l =~ \ round\ [0-9]+:\ snapshot\ [^\ ]+\ \(seq\ ([0-9]+)\)\  ]] || continue
+        seq=${BASH_REMATCH[1]}
+        [ -n "${PHASH[$seq]:-}" ] || { PHASH[$seq]=$MARK_SHA; NEW_SEQS+=("$seq"); }
     done
-    NEXT_KNOWN=$L_NEXT
 }
-# The primary's snapshots created since the mark read as the origin did (after assign).
+# The primary's snapshots of NEW_SEQS read as the origin did.
 primary_reads_as_origin() {
     local id ids=()
-    for id in "${L_IDS[@]}"; do [ "${L_SEQ[$id]}" -lt "$MARK_SEQ" ] || ids+=("$id"); done
+    load pri
+    for id in "${L_IDS[@]}"; do [[ " ${NEW_SEQS[*]} " != *" ${L_SEQ[$id]} "* ]] || ids+=("$id"); done
+    echo "primary snapshots of seq ${NEW_SEQS[*]}: ids ${ids[*]}"
     [ ${#ids[@]} -gt 0 ] && hash_snaps pri "${ids[@]}" || return 1
     for id in "${ids[@]}"; do
         [ "${SUMS[$id]}" = "$MARK_SHA" ] || { echo "primary snapshot $id differs from the origin it was taken of"; return 1; }
@@ -375,7 +380,6 @@ check "shsnap send: swapb incremental on swapa (never replicated), and on the se
 refuse "base never replicated" /tmp/streams/swap1 'base'
 refuse "base an older replica" /tmp/streams/swap2 'base'
 "$CTL" delete pri swapb > /dev/null; "$CTL" delete pri swapa > /dev/null
-NEXT_KNOWN=""   # snapshots taken here
 # Another store: a second primary.
 dd if=/dev/urandom of=/dev/mapper/x_o bs=1M count="$MB" oflag=direct status=none
 check "another store (oth): origin, snapshots o1 and o2, full and incremental streams" eval '
@@ -398,11 +402,11 @@ damaged() {
     local name=$1 kind=$2 n size off
     fio_chunks
     mark
-    "$CTL" create pri "$name" > /dev/null
-    read -r P _ <<< "$(newest)"; PB=$(id_of_seq pri "$P")
+    FID=$("$CTL" create pri "$name"); FID=${FID##*(id }; FID=${FID%)}
+    load pri; [ -z "${L_SEQ[$FID]:-}" ] || PHASH[${L_SEQ[$FID]}]=$MARK_SHA
+    read -r P _ <<< "$NEWEST"; PB=$(id_of_seq pri "$P")
     check "$name: shsnap send snapshot $name incremental on the secondary's newest replica (seq $P) -o FILE, verify-stream good" \
-        eval 'send_file --snap "$(id_of_seq pri "$MARK_SEQ")" --base "$PB" -o /tmp/streams/$name && "$REAL_SHSNAP" verify-stream /tmp/streams/$name'
-    assign
+        eval 'send_file --snap "$FID" --base "$PB" -o /tmp/streams/$name && "$REAL_SHSNAP" verify-stream /tmp/streams/$name'
     n=$(awk '/^shsnap send: snapshot/ { for (i = 1; i < NF; i++) if ($i == "chunks") print $(i + 1) }' /tmp/send.err)
     size=$(stat -c %s "/tmp/streams/$name")
     # preamble 12 + HEADER 128; each DATA record 12 + 32 + chunk + 4.
