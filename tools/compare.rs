@@ -3,25 +3,11 @@
 //! delta (the benchmark's baseline), and the tests' independent check of the online delta
 //! and of replicas.
 
+use shsnap_core::stream::fill;
 use std::fs::File;
-use std::io::{self, Read};
 
 /// Bytes read from each side per step.
 const STEP: usize = 1 << 20;
-
-/// Reads until `buf` is full or the end; returns the bytes read.
-fn fill(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
-}
 
 /// The chunk ranges `[first, end)` of `chunk_bytes` that differ between `a` and `b`, and the
 /// bytes compared.  A chunk past the end of one of them differs when the other has it.

@@ -676,18 +676,24 @@ pub struct StreamReader<R: Read> {
     digester: Digester,
 }
 
-/// Reads exactly `buf.len()` bytes; Ok(n < len) only at the end of the stream.
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<usize, StreamError> {
+/// Reads until `buf` is full or the input ends; returns the bytes read (fewer than
+/// `buf.len()` only at the end).
+pub fn fill(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match r.read(&mut buf[n..]) {
             Ok(0) => break,
             Ok(k) => n += k,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(StreamError::Io(format!("{}", e))),
+            Err(e) => return Err(e),
         }
     }
     Ok(n)
+}
+
+/// `fill`, with a read error as the stream's defect.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<usize, StreamError> {
+    fill(r, buf).map_err(|e| StreamError::Io(format!("{}", e)))
 }
 
 impl<R: Read> StreamReader<R> {
