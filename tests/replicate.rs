@@ -818,6 +818,12 @@ impl Primary for Images {
     }
 
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        // The real primary reads with O_DIRECT.
+        assert_eq!(
+            buf.as_ptr() as usize % 4096,
+            0,
+            "read buffer not page-aligned"
+        );
         self.reads.push(buf.len());
         let o = offset as usize;
         buf.copy_from_slice(&self.target[o..o + buf.len()]);

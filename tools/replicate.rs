@@ -34,6 +34,10 @@ use std::vec::Vec;
 pub const PROGRESS_EVERY: u64 = 64 << 20;
 /// Largest read of the snapshot device by `send`: runs of chunks are read this much at once.
 const READ_BYTES: usize = 4 << 20;
+
+/// The alignment of `write_stream`'s read buffer: a page, enough for O_DIRECT on any
+/// logical block size up to 4 KiB.
+const DIRECT_ALIGN: usize = 4096;
 /// Largest write of zeros by `receive` (the chunks a full stream does not carry).
 const ZERO_BYTES: usize = 1 << 20;
 const SECTOR: u64 = 512;
@@ -552,7 +556,10 @@ pub fn write_stream<P: Primary, W: Write>(
     let mut w = StreamWriter::new(out, h).map_err(write_error)?;
     let chunks = h.chunks();
     let chunk_bytes = h.chunk_sectors as usize * SECTOR as usize;
-    let mut buf = vec![0u8; READ_BYTES.max(chunk_bytes)];
+    // Aligned for a primary that reads with O_DIRECT.
+    let mut storage = vec![0u8; READ_BYTES.max(chunk_bytes) + DIRECT_ALIGN];
+    let skip = storage.as_ptr().align_offset(DIRECT_ALIGN);
+    let buf = &mut storage[skip..skip + READ_BYTES.max(chunk_bytes)];
     let per_read = (buf.len() / chunk_bytes) as u64;
     let mut start = h.start().1;
     loop {
@@ -1079,7 +1086,12 @@ impl Drop for SnapDevice {
 
 struct DmPrimary {
     origin: String,
+    /// The snapshot device, opened with O_DIRECT: the data goes to the stream once, so the
+    /// page cache would only add a copy and read-ahead of chunks that are not sent.
     dev: File,
+    /// The same device without O_DIRECT, for a read O_DIRECT refuses (a short last chunk
+    /// on a device whose logical blocks are larger than a sector).
+    buffered: File,
 }
 
 impl Primary for DmPrimary {
@@ -1093,7 +1105,12 @@ impl Primary for DmPrimary {
     }
 
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.dev.read_exact_at(buf, offset)
+        match self.dev.read_exact_at(buf, offset) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                self.buffered.read_exact_at(buf, offset)
+            }
+            r => r,
+        }
     }
 
     fn check_unchanged(&mut self, h: &Header) -> Result<(), String> {
@@ -1260,10 +1277,17 @@ pub fn send(a: &SendArgs) -> Result<SendReport, String> {
     let dev = SnapDevice::acquire(&name, &table, h.target.id)?;
     let summary = {
         // Closed before `dev` goes: a device still open cannot be removed.
-        let file = File::open(dev.path()).map_err(|e| format!("{}: {}", dev.path(), e))?;
+        let open = |flags| {
+            OpenOptions::new()
+                .read(true)
+                .custom_flags(flags)
+                .open(dev.path())
+                .map_err(|e| format!("{}: {}", dev.path(), e))
+        };
         let mut p = DmPrimary {
             origin: name,
-            dev: file,
+            dev: open(libc::O_DIRECT)?,
+            buffered: open(0)?,
         };
         write_stream(&mut p, h, BufWriter::with_capacity(1 << 20, out))?.1
     };

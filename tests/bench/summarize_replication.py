@@ -38,5 +38,8 @@ print("Ratios of medians (time; below 1 is faster):\n")
 ratio("full send against dd of the snapshot device", "send_full", "dd_read", "")
 ratio("send | receive against a dd copy", "send_receive_full", "dd_copy", "")
 ratio("incremental send against the full send", "send_incr", "send_full", " (target: under 0.03)")
+if by.get("send_incr_in_tool"):
+    ratio("the same, each send's own time (no process start)", "send_incr_in_tool",
+          "send_full_in_tool", "")
 ratio("incremental send against reading both snapshots whole", "send_incr", "compare_whole", "")
 ratio("incremental send | receive against the full one", "send_receive_incr", "send_receive_full", "")
