@@ -12,6 +12,7 @@ set +u
 # result (16 MiB at 1 GB/s is 16 ms: 1000, 941, 889 ... MB/s were the only values seen).
 REGION_MB_RAM=${REGION_MB_RAM:-${REGION_MB:-128}}
 REGION_MB_VIRTIO=${REGION_MB_VIRTIO:-${REGION_MB:-64}}
+REGION_MB_LOOP=${REGION_MB_LOOP:-${REGION_MB:-64}}
 # Random 4 KiB writes: this many MiB at random offsets over the region (each block at most
 # once), so that a slow random point does not take minutes.
 RAND_MB=${RAND_MB:-16}
@@ -22,7 +23,7 @@ REPS=${REPS:-3}
 PREV_MODULE=${PREV_MODULE:-}
 TARGETS=${TARGETS:-"raw linear shared${PREV_MODULE:+ shared_prev} snapshot thin"}
 WORKLOADS=${WORKLOADS:-"seq rand qd32"}
-BACKINGS=${BACKINGS:-"ram"}
+BACKINGS=${BACKINGS:-"ram virtio loop"}
 setup_guest
 
 fio_bw() { # fio args... -> MB/s
@@ -108,6 +109,24 @@ emit() { echo "csv,$BACKING,$1,$2,$3,$4,$5"; }
 # The worker's counters after a shared-snapshot point: where its time went.
 stats() { [ $1 = shared -o $1 = shared_prev ] && echo "stats $BACKING $1 N=$2 $3: $(dmsetup message bo 0 stats)"; true; }
 
+# PERF=1: every first-write point runs under `perf record -a` (cpu-clock: TCG has no PMU)
+# and its top symbols are printed as `perf <backing> <target> N=<n> <workload>: ...` lines.
+PERF=${PERF:-0}
+perf_start() {
+    [ "$PERF" = 1 ] || return 0
+    perf record -a -g -e cpu-clock -F 2000 -o /tmp/perf.data >/dev/null 2>&1 &
+    PERF_PID=$!
+    sleep 1
+}
+perf_stop() { # target n workload
+    [ "$PERF" = 1 ] || return 0
+    kill -INT $PERF_PID; wait $PERF_PID 2>/dev/null
+    perf report -i /tmp/perf.data --kallsyms=/proc/kallsyms --stdio --no-children -g none \
+        --sort sym --percent-limit 0.7 2>/dev/null | grep -v '^#' | grep -v '^$' | head -45 |
+        sed "s/^/perf $BACKING $1 N=$2 $3: /"
+    rm -f /tmp/perf.data
+}
+
 run_point() { # target n rep
     local t=$1 n=$2 rep=$3 bw
     if [ $t = shared_prev ]; then use_module "$PREV_MODULE"; else use_module "$MODULE"; fi
@@ -115,12 +134,16 @@ run_point() { # target n rep
         setup $t $n || { echo "setup $t $n failed"; return 1; }
         case $w in
             seq)
+                perf_start
                 emit $t $n seq_first $rep "$(fio_bw --name=s --filename=$DEV --rw=write --bs=1M --ioengine=psync)"
+                perf_stop $t $n seq_first
                 stats $t $n seq_first
                 emit $t $n seq_over $rep "$(fio_bw --name=s --filename=$DEV --rw=write --bs=1M --ioengine=psync)" ;;
             rand)
                 # The same seed twice: the second pass writes exactly the blocks of the first.
+                perf_start
                 emit $t $n rand_first $rep "$(fio_bw --name=r --filename=$DEV --rw=randwrite --bs=4k --ioengine=psync --io_size=${RAND_MB}M --randseed=$rep)"
+                perf_stop $t $n rand_first
                 stats $t $n rand_first
                 emit $t $n rand_over $rep "$(fio_bw --name=r --filename=$DEV --rw=randwrite --bs=4k --ioengine=psync --io_size=${RAND_MB}M --randseed=$rep)"
                 emit $t $n read_after_rand $rep "$(fio_bw --name=q --filename=$DEV --rw=read --bs=1M --ioengine=psync)" ;;
@@ -134,12 +157,30 @@ run_point() { # target n rep
     done
 }
 
+# Loop devices over files on a tmpfs: what many test setups and small deployments use.
+LOOPFS=/tmp/bench-loop
+loop_up() {
+    local cow_mb=$(( ($(cow_sectors) * SNAP_MAX + 2047) / 2048 + 64 ))
+    mkdir -p $LOOPFS
+    mount -t tmpfs -o size=$((REGION_MB + cow_mb + 64))M bench-loop $LOOPFS || return 1
+    truncate -s ${REGION_MB}M $LOOPFS/origin && truncate -s ${cow_mb}M $LOOPFS/cow || return 1
+    A=$(losetup -f --show $LOOPFS/origin) && B=$(losetup -f --show $LOOPFS/cow)
+}
+loop_down() {
+    teardown
+    losetup -D
+    umount $LOOPFS 2>/dev/null || true
+}
+# Gives the RAM disks' pages back (brd frees discarded pages) before the next backing.
+ram_down() { teardown; blkdiscard /dev/ram0 2>/dev/null; blkdiscard /dev/ram1 2>/dev/null; true; }
+
 for BACKING in $BACKINGS; do
-    if [ $BACKING = ram ]; then
-        A=/dev/ram0; B=/dev/ram1; REGION_MB=$REGION_MB_RAM
-    else
-        A=/dev/vda; B=/dev/vdb; REGION_MB=$REGION_MB_VIRTIO
-    fi
+    case $BACKING in
+        ram) A=/dev/ram0; B=/dev/ram1; REGION_MB=$REGION_MB_RAM ;;
+        virtio) A=/dev/vda; B=/dev/vdb; REGION_MB=$REGION_MB_VIRTIO ;;
+        loop) REGION_MB=$REGION_MB_LOOP; R=$((REGION_MB * 2048)); loop_up || { echo "loop backing setup failed"; exit 1; } ;;
+        *) echo "unknown backing $BACKING"; exit 1 ;;
+    esac
     R=$((REGION_MB * 2048))          # sectors
     BSZ=$(blockdev --getsz $B)
     need=$(( SNAP_MAX * $(cow_sectors) ))
@@ -165,6 +206,10 @@ for BACKING in $BACKINGS; do
         done
     done
     echo "backing $BACKING done $(date +%T)"
+    case $BACKING in
+        ram) ram_down ;;
+        loop) loop_down ;;
+    esac
 done
 teardown
 use_module "$MODULE"
