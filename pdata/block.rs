@@ -365,6 +365,52 @@ pub fn block_crc(io: &impl BlockIo, b: &Block) -> u32 {
     io.crc32c(&b[..])
 }
 
+/// [`block_crc`] of a block [`seal`] has just sealed, without reading the block again: the
+/// header checksum already covers all of it but its first 4 bytes (the checksum itself),
+/// and CRCs combine, `crc(a ‖ b) = crc(a)·x^(8·|b|) ⊕ crc(b)` (mod the CRC-32C polynomial).
+pub fn sealed_block_crc(io: &impl BlockIo, b: &Block) -> u32 {
+    gf2_mul(io.crc32c(&b[..H_CRC + 4]), X_SEALED) ^ get32(b, H_CRC)
+}
+
+/// The CRC-32C polynomial, bit-reflected as the checksums are: bit 31 is x^0.
+const CRC32C_POLY: u32 = 0x82f6_3b78;
+
+/// `a·b mod P` for polynomials in the reflected representation of CRC-32C values.
+const fn gf2_mul(a: u32, b: u32) -> u32 {
+    let (mut a, mut b, mut p) = (a, b, 0u32);
+    let mut i = 0;
+    while i < 32 {
+        if b & 0x8000_0000 != 0 {
+            p ^= a;
+        }
+        b <<= 1;
+        // a·x: x^31 (bit 0) becomes x^32, reduced by P.
+        a = if a & 1 != 0 {
+            (a >> 1) ^ CRC32C_POLY
+        } else {
+            a >> 1
+        };
+        i += 1;
+    }
+    p
+}
+
+/// `x^(8·n) mod P`: appending n zero bytes multiplies a CRC by it.
+const fn x_pow_bytes(n: usize) -> u32 {
+    let (mut r, mut base, mut e) = (0x8000_0000u32, 0x0080_0000u32, n); // x^0, x^8
+    while e > 0 {
+        if e & 1 != 0 {
+            r = gf2_mul(r, base);
+        }
+        base = gf2_mul(base, base);
+        e >>= 1;
+    }
+    r
+}
+
+/// The shift of the bytes a header checksum covers.
+const X_SEALED: u32 = x_pow_bytes(BLOCK_SIZE - H_CRC - 4);
+
 /// Validates the common header: checksum, type, block number and store id.
 pub fn check_header(
     io: &impl BlockIo,
@@ -398,4 +444,39 @@ pub fn check_header(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::TestDev;
+    use super::*;
+
+    /// The descriptor checksum derived from the header one equals the whole block's.
+    #[test]
+    fn sealed_block_crc_is_the_whole_blocks_crc() {
+        let io = TestDev::new(1);
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for round in 0..64 {
+            let mut b = [0u8; BLOCK_SIZE];
+            for (i, byte) in b.iter_mut().enumerate() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *byte = match round % 4 {
+                    0 => x as u8,
+                    1 => 0,
+                    2 => 0xff,
+                    _ => (i % 7) as u8,
+                };
+            }
+            init_header(&mut b, BlockType::JournalDesc, round, 0x5eed);
+            seal(&io, &mut b);
+            assert_eq!(
+                sealed_block_crc(&io, &b),
+                block_crc(&io, &b),
+                "round {}",
+                round
+            );
+        }
+    }
 }

@@ -261,7 +261,7 @@ pub fn commit<M: CacheMem>(
         seal(io, b);
         DescEntry {
             home: Cache::<M>::slot_block(s),
-            crc: block_crc(io, b),
+            crc: sealed_block_crc(io, b),
         }
         .pack(desc, i);
         images[i].copy_from_slice(b);
