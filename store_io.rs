@@ -3,6 +3,8 @@
 //! The exception store's kernel adapters: metadata block I/O over dm-io ([`MetaIo`], the
 //! core's `BlockIo`) and the cache's memory ([`CacheMemory`], the core's `CacheMem`).
 
+use core::cell::Cell;
+
 use kernel::prelude::*;
 
 use crate::dm::{self, Device, SyncIo};
@@ -13,6 +15,10 @@ use crate::exception_store::format::{self as fmt_, Block, BLOCK_SECTORS, BLOCK_S
 pub(crate) struct MetaIo {
     io: SyncIo,
     blocks: u64,
+    /// Nanoseconds spent in metadata writes and flushes (submission to completion) and in
+    /// checksums, since activation: for the `stats` message.
+    write_ns: u64,
+    crc_ns: Cell<u64>,
 }
 
 impl MetaIo {
@@ -20,7 +26,24 @@ impl MetaIo {
     pub(crate) fn new(dev: &Device) -> Result<Self> {
         let io = SyncIo::new(dev)?;
         let blocks = io.sectors() / BLOCK_SECTORS;
-        Ok(MetaIo { io, blocks })
+        Ok(MetaIo {
+            io,
+            blocks,
+            write_ns: 0,
+            crc_ns: Cell::new(0),
+        })
+    }
+
+    /// Nanoseconds spent waiting for metadata writes and flushes, and computing checksums.
+    pub(crate) fn times_ns(&self) -> (u64, u64) {
+        (self.write_ns, self.crc_ns.get())
+    }
+
+    fn timed<T>(&mut self, f: impl FnOnce(&mut SyncIo) -> T) -> T {
+        let t0 = dm::now_ns();
+        let r = f(&mut self.io);
+        self.write_ns = self.write_ns.wrapping_add(dm::now_ns().wrapping_sub(t0));
+        r
     }
 }
 
@@ -42,8 +65,7 @@ impl fmt_::BlockIo for MetaIo {
         if nr >= self.blocks {
             return Err(fmt_::PdataError::Io { block: nr });
         }
-        self.io
-            .write(sector_of(nr), buf, false, false)
+        self.timed(|io| io.write(sector_of(nr), buf, false, false))
             .map_err(|_| fmt_::PdataError::Io { block: nr })
     }
 
@@ -59,13 +81,13 @@ impl fmt_::BlockIo for MetaIo {
             return Err(fmt_::PdataError::Io { block: nr });
         }
         // One request over the contiguous blocks.
-        self.io
-            .write(sector_of(nr), bufs.as_flattened(), preflush, fua)
+        self.timed(|io| io.write(sector_of(nr), bufs.as_flattened(), preflush, fua))
             .map_err(|_| fmt_::PdataError::Io { block: nr })
     }
 
     fn flush(&mut self) -> fmt_::PdataResult<()> {
-        self.io.flush().map_err(|_| fmt_::PdataError::Flush)
+        self.timed(|io| io.flush())
+            .map_err(|_| fmt_::PdataError::Flush)
     }
 
     fn size_blocks(&self) -> u64 {
@@ -73,7 +95,14 @@ impl fmt_::BlockIo for MetaIo {
     }
 
     fn crc32c(&self, data: &[u8]) -> u32 {
-        dm::crc32c(data)
+        let t0 = dm::now_ns();
+        let crc = dm::crc32c(data);
+        self.crc_ns.set(
+            self.crc_ns
+                .get()
+                .wrapping_add(dm::now_ns().wrapping_sub(t0)),
+        );
+        crc
     }
 }
 

@@ -344,6 +344,11 @@ impl<D: BlockIo, M: CacheMem, S: DerefMut<Target = Super>> Store<D, M, S> {
         &mut self.io
     }
 
+    /// The I/O object, shared.
+    pub fn io_ref(&self) -> &D {
+        &self.io
+    }
+
     /// The journal state.
     #[cfg_attr(not(feature = "std"), expect(dead_code, reason = "for the tools"))]
     pub fn journal(&self) -> &Journal {

@@ -50,10 +50,13 @@ impl Origin {
                 let st = sh.state.lock();
                 let s = &st.stats;
                 let meta_reads = st.store.as_ref().map_or(0, |s| s.cache_reads());
+                let (meta_write_ns, crc_ns) =
+                    st.store.as_ref().map_or((0, 0), |s| s.io_ref().times_ns());
                 let _ = write!(
                     out,
                     "batches {} bios {} copy_jobs {} copied_chunks {} commits {} \
-                     plan_us {} copy_us {} commit_us {} release_us {} meta_reads {} passed {}",
+                     plan_us {} copy_us {} commit_us {} release_us {} meta_reads {} passed {} \
+                     meta_write_us {} crc_us {}",
                     s.batches,
                     s.bios,
                     s.copy_jobs,
@@ -64,7 +67,9 @@ impl Origin {
                     s.commit_ns / 1000,
                     s.release_ns / 1000,
                     meta_reads,
-                    s.passed
+                    s.passed,
+                    meta_write_ns / 1000,
+                    crc_ns / 1000
                 );
                 Ok(())
             }

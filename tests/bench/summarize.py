@@ -151,18 +151,23 @@ if os.path.exists(log):
         lines.append("Per copied chunk, medians over repeats: chunks per batch (group commit), "
                      "and worker time in µs planning, copying (read origin, write COW), "
                      "committing (journal write with PREFLUSH and FUA) and releasing (submitting "
-                     "the held origin writes; on RAM disks that is the write itself).")
+                     "the held origin writes; on RAM disks that is the write itself); and, mostly "
+                     "inside the commit, the µs waiting for metadata writes and flushes and the µs "
+                     "computing metadata checksums (modules that report them).")
         lines.append("")
-        lines.append("| backing | workload | N | chunks/batch | plan | copy | commit | release |")
-        lines.append("|---|---|---|---|---|---|---|---|")
+        lines.append("| backing | workload | N | chunks/batch | plan | copy | commit | release | meta write wait | crc |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|")
         for (b, w) in sorted(acc):
             for n in sorted(acc[(b, w)]):
                 vs = acc[(b, w)][n]
                 def m(key):
-                    return statistics.median(x[key] / x["copied_chunks"] for x in vs)
+                    if any(key not in x for x in vs):
+                        return "-"
+                    return "%.0f" % statistics.median(x[key] / x["copied_chunks"] for x in vs)
                 per_batch = statistics.median(x["copied_chunks"] / max(x["batches"], 1) for x in vs)
-                lines.append(f"| {b} | {w} | {n} | {per_batch:.1f} | {m('plan_us'):.0f} | "
-                             f"{m('copy_us'):.0f} | {m('commit_us'):.0f} | {m('release_us'):.0f} |")
+                lines.append(f"| {b} | {w} | {n} | {per_batch:.1f} | {m('plan_us')} | "
+                             f"{m('copy_us')} | {m('commit_us')} | {m('release_us')} | "
+                             f"{m('meta_write_us')} | {m('crc_us')} |")
         lines.append("")
 open(os.path.join(out, "summary.md"), "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
