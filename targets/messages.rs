@@ -56,7 +56,7 @@ impl Origin {
                     out,
                     "batches {} bios {} copy_jobs {} copied_chunks {} commits {} \
                      plan_us {} copy_us {} commit_us {} release_us {} meta_reads {} passed {} \
-                     meta_write_us {} crc_us {}",
+                     meta_write_us {} crc_us {} joined {}",
                     s.batches,
                     s.bios,
                     s.copy_jobs,
@@ -69,7 +69,8 @@ impl Origin {
                     meta_reads,
                     s.passed,
                     meta_write_ns / 1000,
-                    crc_ns / 1000
+                    crc_ns / 1000,
+                    s.joined
                 );
                 Ok(())
             }

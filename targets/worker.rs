@@ -55,6 +55,8 @@ struct Batch<'a> {
     /// The bios planned: the first `n`.
     items: [Option<Item>; BATCH],
     n: usize,
+    /// The first `copied` items have had their chunks copied.
+    copied: usize,
     /// Whether this batch lets data that a snapshot read in flight may be reading be
     /// overwritten once it is released: an origin write, or a snapshot's write that
     /// unshares a chunk (so that the origin, or the other sharers of its COW chunk, may
@@ -69,6 +71,7 @@ impl<'a> Batch<'a> {
             at,
             items: [const { None }; BATCH],
             n: 0,
+            copied: 0,
             drain_reads: false,
         }
     }
@@ -137,17 +140,18 @@ impl<'a> Batch<'a> {
         popped
     }
 
-    /// Copies the chunks the planned bios need to the COW device (runs of adjacent chunks
-    /// as one copy), unless the batch lost its store.
+    /// Copies the chunks the bios planned since the last call need to the COW device (runs
+    /// of adjacent chunks as one copy), unless the batch lost its store.
     fn copy(&mut self, st: &mut State) {
         let sh = self.sh;
         let at = &self.at;
-        let n = self.n;
+        let (first, n) = (self.copied, self.n);
+        self.copied = n;
         let mut copying = false;
         // Adjacent chunks going to adjacent COW chunks are copied as one run.
         let mut run: Option<(&Device, u64, u64, u64)> = None;
         let mut copies = st.copier.batch();
-        for it in self.items[..n].iter().flatten() {
+        for it in self.items[first..n].iter().flatten() {
             let chunk = sh.chunk_of(it.off);
             let copy = match it.action {
                 Action::OriginWrite(c) => {
@@ -207,8 +211,6 @@ impl<'a> Batch<'a> {
             drop(copies);
             Ok(())
         };
-        st.stats.batches += 1;
-        st.stats.bios += n as u64;
         if copied.is_err() {
             sh.give_up(st, "copy to the COW device failed", StoreError::DataCopy);
         }
@@ -399,13 +401,32 @@ impl Shared {
         }
         let t1 = dm::now_ns();
         batch.copy(st);
-        let t2 = dm::now_ns();
+        let mut t2 = dm::now_ns();
+        st.stats.plan_ns += t1 - t0;
+        st.stats.copy_ns += t2 - t1;
+        // Bios that arrived while the chunks were copied join this commit instead of waiting
+        // for one of their own: the rest of a large write that device-mapper split at chunk
+        // boundaries, or other writers.  Their chunks are copied before the commit too.
+        while batch.n < BATCH && !st.mode.batch_lost() {
+            let planned = batch.n;
+            batch.plan(st);
+            let t = dm::now_ns();
+            st.stats.plan_ns += t - t2;
+            if batch.n == planned {
+                t2 = t;
+                break;
+            }
+            batch.copy(st);
+            t2 = dm::now_ns();
+            st.stats.copy_ns += t2 - t;
+            st.stats.joined += (batch.n - planned) as u64;
+        }
+        st.stats.batches += 1;
+        st.stats.bios += batch.n as u64;
         batch.commit(st);
         let t3 = dm::now_ns();
         batch.release(st);
         let t4 = dm::now_ns();
-        st.stats.plan_ns += t1 - t0;
-        st.stats.copy_ns += t2 - t1;
         st.stats.commit_ns += t3 - t2;
         st.stats.release_ns += t4 - t3;
         true
