@@ -84,7 +84,8 @@ pub(super) struct Stats {
     pub(super) copied_chunks: u64,
     /// Deferred origin writes that needed no copy, sent on at once by the worker.
     pub(super) passed: u64,
-    /// Bios that joined a batch while its first copies ran (counted in `bios` too).
+    /// Bios planned in a batch's later rounds, while its earlier copies ran (counted in
+    /// `bios` too).
     pub(super) joined: u64,
     pub(super) commits: u64,
     /// Worker time (ns) spent planning, waiting for copies, committing, releasing.

@@ -22,6 +22,10 @@ const BATCH_LATER: usize = 64;
 /// Bios a batch takes off the queue at most (writes that need no copy are sent on at once).
 const BATCH_POPS: usize = 256;
 
+/// Rounds of planning a batch runs at most after its first (see `Shared::run_batch`): each
+/// waits for a copy, and the bios of the first round wait for all of them.
+const JOIN_ROUNDS: usize = 3;
+
 /// Leaves visited per snapshot-deletion step.
 const DELETE_STEP_LEAVES: usize = 16;
 
@@ -407,7 +411,10 @@ impl Shared {
         // Bios that arrived while the chunks were copied join this commit instead of waiting
         // for one of their own: the rest of a large write that device-mapper split at chunk
         // boundaries, or other writers.  Their chunks are copied before the commit too.
-        while batch.n < BATCH && !st.mode.batch_lost() {
+        // A few rounds at most, so that the first bios do not wait long for a trickle.
+        let mut rounds = 0;
+        while batch.n < BATCH && rounds < JOIN_ROUNDS && !st.mode.batch_lost() {
+            rounds += 1;
             let planned = batch.n;
             batch.plan(st);
             let t = dm::now_ns();
