@@ -135,13 +135,24 @@ if any(k[1] == "shared_prev" for k in pts):
 log = os.path.join(out, "bench.log")
 if os.path.exists(log):
     acc = defaultdict(lambda: defaultdict(list))
+    # `stats0` lines (runs after 2026-12-07): the counters after the point's setup (format,
+    # N creates), subtracted from the `stats` line after its workload that follows.
+    base = {}
+    subtracted = False
     for line in open(log):
-        if not line.startswith("stats "):
+        if not (line.startswith("stats ") or line.startswith("stats0 ")):
             continue
         head, _, body = line.partition(": ")
-        _, b, _, n, w = head.split()
+        kind, b, t, n, w = head.split()
         f = body.split()
         v = {f[i]: int(f[i + 1]) for i in range(0, len(f) - 1, 2)}
+        if kind == "stats0":
+            base[(b, t, n, w)] = v
+            continue
+        b0 = base.pop((b, t, n, w), None)
+        if b0:
+            v = {k: x - b0.get(k, 0) for k, x in v.items()}
+            subtracted = True
         if v.get("copied_chunks", 0) == 0:
             continue
         acc[(b, w)][int(n[2:])].append(v)
@@ -153,7 +164,10 @@ if os.path.exists(log):
                      "committing (journal write with PREFLUSH and FUA) and releasing (submitting "
                      "the held origin writes; on RAM disks that is the write itself); and, mostly "
                      "inside the commit, the µs waiting for metadata writes and flushes and the µs "
-                     "computing metadata checksums (modules that report them).")
+                     "computing metadata checksums (modules that report them)" +
+                     ("." if subtracted else "; these two count the whole activation, the "
+                      "format and the N creates of the point's setup included (the run had no "
+                      "`stats0` lines to subtract)."))
         lines.append("")
         lines.append("| backing | workload | N | chunks/batch | plan | copy | commit | release | meta write wait | crc |")
         lines.append("|---|---|---|---|---|---|---|---|---|---|")
