@@ -108,6 +108,8 @@ emit() { echo "csv,$BACKING,$1,$2,$3,$4,$5"; }
 
 # The worker's counters after a shared-snapshot point: where its time went.
 stats() { [ $1 = shared -o $1 = shared_prev ] && echo "stats $BACKING $1 N=$2 $3: $(dmsetup message bo 0 stats)"; true; }
+# ... and before it, after the point's setup: the summary subtracts these (format, creates).
+stats0() { [ $1 = shared -o $1 = shared_prev ] && echo "stats0 $BACKING $1 N=$2 $3: $(dmsetup message bo 0 stats)"; true; }
 
 # PERF=1: every first-write point runs under `perf record -a` (cpu-clock: TCG has no PMU)
 # and its top symbols are printed as `perf <backing> <target> N=<n> <workload>: ...` lines.
@@ -134,6 +136,7 @@ run_point() { # target n rep
         setup $t $n || { echo "setup $t $n failed"; return 1; }
         case $w in
             seq)
+                stats0 $t $n seq_first
                 perf_start
                 emit $t $n seq_first $rep "$(fio_bw --name=s --filename=$DEV --rw=write --bs=1M --ioengine=psync)"
                 perf_stop $t $n seq_first
@@ -141,6 +144,7 @@ run_point() { # target n rep
                 emit $t $n seq_over $rep "$(fio_bw --name=s --filename=$DEV --rw=write --bs=1M --ioengine=psync)" ;;
             rand)
                 # The same seed twice: the second pass writes exactly the blocks of the first.
+                stats0 $t $n rand_first
                 perf_start
                 emit $t $n rand_first $rep "$(fio_bw --name=r --filename=$DEV --rw=randwrite --bs=4k --ioengine=psync --io_size=${RAND_MB}M --randseed=$rep)"
                 perf_stop $t $n rand_first
@@ -148,9 +152,11 @@ run_point() { # target n rep
                 emit $t $n rand_over $rep "$(fio_bw --name=r --filename=$DEV --rw=randwrite --bs=4k --ioengine=psync --io_size=${RAND_MB}M --randseed=$rep)"
                 emit $t $n read_after_rand $rep "$(fio_bw --name=q --filename=$DEV --rw=read --bs=1M --ioengine=psync)" ;;
             qd32)
+                stats0 $t $n qd32_seq_first
                 emit $t $n qd32_seq_first $rep "$(fio_bw --name=p --filename=$DEV --rw=write --bs=1M --ioengine=libaio --iodepth=32 --numjobs=4 --size=$((REGION_MB / 4))M --offset_increment=$((REGION_MB / 4))M)"
                 stats $t $n qd32_seq_first
                 setup $t $n || return 1
+                stats0 $t $n qd32_rand_first
                 emit $t $n qd32_rand_first $rep "$(fio_bw --name=p --filename=$DEV --rw=randwrite --bs=4k --ioengine=libaio --iodepth=32 --numjobs=4 --size=$((REGION_MB / 4))M --io_size=$((RAND_MB / 4))M --offset_increment=$((REGION_MB / 4))M)"
                 stats $t $n qd32_rand_first ;;
         esac
