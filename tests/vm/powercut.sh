@@ -11,10 +11,10 @@
 # block (or, for a create or delete, either outcome).  Then the devices are torn down while
 # still dropping, power comes back, the store is reopened (journal replay) and checked, and
 # every device is verified against the oracle.  Each cut is one check.
-#   ROUNDS=n (default 20; EXTENDED=1: 100)
+#   ROUNDS=n (default 10; EXTENDED=1: 100)
 . "$(dirname "$0")/lib.sh"
 ORACLE="$REPO/target/release/shsnap-oracle --state /tmp/oracle"
-if [ "${EXTENDED:-0}" = 1 ]; then ROUNDS=${ROUNDS:-100}; else ROUNDS=${ROUNDS:-20}; fi
+if [ "${EXTENDED:-0}" = 1 ]; then ROUNDS=${ROUNDS:-100}; else ROUNDS=${ROUNDS:-10}; fi
 LEN=65536          # 32 MiB origin
 COWLEN=131072      # 64 MiB COW
 SEED=${SEED:-$RANDOM}

@@ -15,7 +15,7 @@
 #     replicas intact).  A bit flipped in the middle of a DATA record, a stream truncated
 #     inside one: exit 1 naming the defect, no new snapshot, every replica intact; then
 #     replicate resumes from the receiver's token.
-#  3. CUTS (20) interruptions at random points (a cut point in the transport stops the
+#  3. CUTS (9; EXTENDED=1: 20) interruptions at random points (a cut point in the transport stops the
 #     stream after a random 128 KiB..1.9 MiB of a stream of at least 2 MiB): the sender
 #     killed, the receiver killed, or a power cut of the secondary (dm-flakey drop_writes
 #     under its origin and COW devices, the stream goes on into the void, the receiver is
@@ -30,7 +30,8 @@
 #     counted and must be chunks written again with identical data.
 # Devices: 4 disks (or fewer: the regions are carved round-robin by linear tables); the
 # secondary's origin and COW each sit on a linear table that dm-flakey replaces in a cut.
-#   SEED=n replays the random choices; ORIGIN_MB (8), ROUNDS (10), CUTS (20).
+#   SEED=n replays the random choices; ORIGIN_MB (8), ROUNDS (10), CUTS (9, three of each kind;
+#   EXTENDED=1: 20).
 . "$(dirname "$0")/lib.sh"
 CTL=$REPO/scripts/shsnap-ctl
 export SHSNAP_CTL_DIR=/tmp/shsnap-ctl
@@ -42,7 +43,7 @@ XCOWLEN=$((64 * 2048))      # the other store's (then the delta section's)
 CH=128                      # 64 KiB chunks
 DCH=32                      # 16 KiB chunks for the delta section
 ROUNDS=${ROUNDS:-10}
-CUTS=${CUTS:-20}
+if [ "${EXTENDED:-0}" = 1 ]; then CUTS=${CUTS:-20}; else CUTS=${CUTS:-9}; fi
 KEEP=4
 TO="$CTL receive sec"
 RLOGF=$SHSNAP_CTL_DIR/pri.replicate.log
