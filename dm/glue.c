@@ -228,8 +228,12 @@ struct dmss_worker *dmss_worker_create(void (*fn)(void *ctx), void *ctx)
 
 	if (!w)
 		return NULL;
-	/* Unbound: the worker runs on an idle CPU while the submitter goes on mapping. */
-	w->wq = alloc_ordered_workqueue("dm-shared-snap", WQ_MEM_RECLAIM);
+	/*
+	 * Per-CPU (bound), as kcopyd's: the work runs on the CPU that queued it, so a
+	 * submitter that waits for its write hands its CPU to the worker instead of waking
+	 * another one.  One work item, which a workqueue never runs twice at once.
+	 */
+	w->wq = alloc_workqueue("dm-shared-snap", WQ_MEM_RECLAIM, 1);
 	if (!w->wq) {
 		kfree(w);
 		return NULL;

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! A worker: a FIFO of deferred bios and a work item on its own ordered WQ_MEM_RECLAIM
+//! A worker: a FIFO of deferred bios and a work item on its own per-CPU WQ_MEM_RECLAIM
 //! workqueue, which calls [`WorkHandler::work`] on the context that owns the worker.
 
 use core::ffi::c_void;
