@@ -229,9 +229,11 @@ struct dmss_worker *dmss_worker_create(void (*fn)(void *ctx), void *ctx)
 	if (!w)
 		return NULL;
 	/*
-	 * Per-CPU (bound), as kcopyd's: the work runs on the CPU that queued it, so a
+	 * Per-CPU (bound), as kcopyd's: idle work runs on the CPU that queues it, so a
 	 * submitter that waits for its write hands its CPU to the worker instead of waking
-	 * another one.  One work item, which a workqueue never runs twice at once.
+	 * another one.  Queued again while it runs, the work stays on the CPU it runs on
+	 * (a workqueue never runs one work item twice at once), so under steady load it
+	 * shares that CPU with its submitter rather than moving to an idle one.
 	 */
 	w->wq = alloc_workqueue("dm-shared-snap", WQ_MEM_RECLAIM, 1);
 	if (!w->wq) {
