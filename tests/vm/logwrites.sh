@@ -11,6 +11,7 @@
 . "$(dirname "$0")/lib.sh"
 ORACLE="$REPO/target/release/shsnap-oracle --state /tmp/oracle"
 STEPS=${STEPS:-12}
+FLUSH_POINTS=${FLUSH_POINTS:-12}
 LEN=65536        # 32 MiB origin
 COWLEN=131072    # 64 MiB COW
 setup_guest
@@ -55,13 +56,10 @@ section "replay the log to every mark and to flush points between them"
 $SHSNAP replay-log /dev/vdb --list > /tmp/log.list
 echo "  log: $(wc -l < /tmp/log.list) entries, $(grep -c ' mark ' /tmp/log.list) marks, $(grep -cE ' (flush|fua|flush,fua) ' /tmp/log.list) flush/FUA entries"
 # checkpoints: "<entry> <mark-name or -> <previous mark step>"
-awk -v limit="${FLUSH_POINTS:-12}" -v all="${EXTENDED:-0}" '
-    $2 == "mark" && ($5 == "start" || $5 ~ /^m[0-9]+$/) { name = $5; print $1, name; next }
-    $2 ~ /flush|fua/ { f[nf++] = $1 }
-    END { }' /tmp/log.list > /tmp/marks
+awk '$2 == "mark" && ($5 == "start" || $5 ~ /^m[0-9]+$/) { print $1, $5 }' /tmp/log.list > /tmp/marks
 awk '$2 ~ /flush|fua/ { print $1 }' /tmp/log.list > /tmp/flushes
 nfl=$(wc -l < /tmp/flushes)
-stride=$(( nfl / ${FLUSH_POINTS:-12} + 1 )); [ "${EXTENDED:-0}" = 1 ] && stride=1
+stride=$(( nfl / FLUSH_POINTS + 1 )); [ "${EXTENDED:-0}" = 1 ] && stride=1
 { awk '{print $1, $2}' /tmp/marks; awk -v s=$stride 'NR % s == 0 { print $1, "-" }' /tmp/flushes; } | sort -n > /tmp/points
 dd if=/dev/zero of=/dev/vdc bs=1M count=$(( (LEN + COWLEN) / 2048 )) oflag=direct status=none
 pos=0; cur=""; points=0; bad=0; marks_ok=0; flush_ok=0

@@ -15,8 +15,8 @@
 #     replicas intact).  A bit flipped in the middle of a DATA record, a stream truncated
 #     inside one: exit 1 naming the defect, no new snapshot, every replica intact; then
 #     replicate resumes from the receiver's token.
-#  3. CUTS (9; EXTENDED=1: 20) interruptions at random points (a cut point in the transport stops the
-#     stream after a random 128 KiB..1.9 MiB of a stream of at least 2 MiB): the sender
+#  3. CUTS (9; EXTENDED=1: 20) interruptions at random points (a cut point in the
+#     transport stops the stream after a random 128 KiB..1.9 MiB of a stream of at least 2 MiB): the sender
 #     killed, the receiver killed, or a power cut of the secondary (dm-flakey drop_writes
 #     under its origin and COW devices, the stream goes on into the void, the receiver is
 #     killed, the secondary origin removed and recreated from what its disks hold).  After
