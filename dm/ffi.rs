@@ -119,6 +119,7 @@ extern "C" {
     pub(super) fn dmss_worker_pop(w: *mut CWorker) -> *mut Bio;
     pub(super) fn dmss_worker_push_front(w: *mut CWorker, bio: *mut Bio);
     pub(super) fn dmss_worker_kick(w: *mut CWorker);
+    pub(super) fn dmss_cond_resched();
     pub(super) fn dmss_worker_flush(w: *mut CWorker);
 
     pub(super) fn dmss_mutex_create() -> *mut CMutex;

@@ -289,6 +289,8 @@ void dmss_worker_push_front(struct dmss_worker *w, struct bio *bio)
 }
 
 void dmss_worker_kick(struct dmss_worker *w) { queue_work(w->wq, &w->work); }
+/* cond_resched() is a macro (and a static call under PREEMPT_DYNAMIC): Rust calls it here. */
+void dmss_cond_resched(void) { cond_resched(); }
 void dmss_worker_flush(struct dmss_worker *w)
 {
 	if (!WARN_ON_ONCE(current_work() == &w->work))

@@ -97,6 +97,7 @@ void dmss_worker_defer(struct dmss_worker *w, struct bio *bio);
 struct bio *dmss_worker_pop(struct dmss_worker *w);
 void dmss_worker_push_front(struct dmss_worker *w, struct bio *bio);
 void dmss_worker_kick(struct dmss_worker *w);
+void dmss_cond_resched(void);
 void dmss_worker_flush(struct dmss_worker *w);
 
 /* A mutex with trylock. */

@@ -131,6 +131,17 @@ impl<T: WorkHandler> Worker<T> {
         }
     }
 
+    /// Gives the CPU to other tasks if the scheduler wants it: a handler that loops over
+    /// many steps calls this between them, with no lock held. A per-CPU work item that
+    /// finds its next step ready without waiting would otherwise hold the CPU as long as
+    /// bios keep coming (dm-thin's worker does the same between deferred bios).
+    pub(crate) fn cond_resched(&self) {
+        // SAFETY: `dmss_cond_resched` takes no argument and reaches no memory of ours. It
+        // may sleep: called under a spinlock that would be a bug `might_sleep` reports (as
+        // for `TryMutex::lock`), not a memory-safety one.
+        unsafe { ffi::dmss_cond_resched() }
+    }
+
     /// Waits until queued work has run (not from the worker itself).
     pub(crate) fn flush(&self) {
         if let Some(w) = self.get() {

@@ -10,6 +10,7 @@ use kernel::sync::Arc;
 use super::bio_ctx::BioCtx;
 use super::mode::Mode;
 use super::shared::{store_sectors, Attached, OriginKey, Shared, State, Stats, ORIGINS};
+use super::worker::BatchSlots;
 use super::{fail, parse_u32};
 use crate::dm::{
     self, BioKind, BioRef, Copier, CtrTarget, Device, Inflight, MapBio, MapResult, Output,
@@ -64,6 +65,7 @@ impl Origin {
                 snap_refs: [0; MAX_SNAPSHOTS],
                 stats: Stats::default(),
                 copier: Copier::new()?,
+                batch_slots: BatchSlots::new()?,
                 suspended: false,
             })?,
             writes_inflight: Inflight::new()?,

@@ -11,6 +11,7 @@ use super::bio_ctx::BioCtx;
 use super::errors::open_error;
 use super::fail;
 use super::mode::Mode;
+use super::worker::BatchSlots;
 use crate::dm::{
     self, BioRef, Copier, CtrTarget, Device, EventHandle, Inflight, Registry, TryMutex, Worker,
 };
@@ -62,6 +63,8 @@ pub(super) struct State {
     pub(super) stats: Stats,
     /// Copies chunks for the worker's batches.
     pub(super) copier: Copier,
+    /// The worker's batch item slots (lent to each batch).
+    pub(super) batch_slots: BatchSlots,
     /// The origin is suspending or suspended: background work (the deletion sweep) waits.
     pub(super) suspended: bool,
 }
