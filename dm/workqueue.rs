@@ -137,8 +137,8 @@ impl<T: WorkHandler> Worker<T> {
     /// bios keep coming (dm-thin's worker does the same between deferred bios).
     pub(crate) fn cond_resched(&self) {
         // SAFETY: `dmss_cond_resched` takes no argument and reaches no memory of ours. It
-        // may sleep: called under a spinlock that would be a bug `might_sleep` reports (as
-        // for `TryMutex::lock`), not a memory-safety one.
+        // may sleep; a call under a spinlock would be a bug that `might_sleep` reports, not
+        // a memory-safety one.
         unsafe { ffi::dmss_cond_resched() }
     }
 

@@ -13,10 +13,26 @@ use crate::dm::{self, Bio, BioKind, Device, WorkHandler, Worker};
 use crate::exception_store::format::Error as StoreError;
 use crate::exception_store::{OriginWrite, SnapWrite, Source, Step};
 
-/// Bios handled per worker batch (one journal commit, whose cache flushes the batch
-/// shares): at QD32 a batch of 32 paid two host flushes per 2 MiB on virtio, where
-/// dm-snapshot groups every exception its copies in flight finish into one commit.
+/// Bios handled per worker batch at most (one journal commit, whose cache flushes the
+/// batch shares): with 32, QD32 sequential writes split at 64 KiB chunks paid two host
+/// flushes per 2 MiB on virtio, where dm-snapshot puts every exception whose copy finished
+/// into its next commit.  Fewer with larger chunks (see [`batch_cap`]).
 const BATCH: usize = 128;
+
+/// A batch plans at least this many bios, and more only while their chunks total at most
+/// [`BATCH_COPY_BYTES`]: the first bio of a batch waits for all its copies, which go
+/// through the copier's 2 MiB buffer a part at a time.
+const BATCH_MIN: usize = 32;
+
+/// See [`BATCH_MIN`].
+const BATCH_COPY_BYTES: u64 = 8 << 20;
+
+/// The bios a batch plans at most for chunks of `chunk_sectors` (128 for 64 KiB chunks or
+/// smaller, 32 from 256 KiB).
+fn batch_cap(chunk_sectors: u64) -> usize {
+    let by_bytes = (BATCH_COPY_BYTES >> 9) / chunk_sectors.max(1);
+    (by_bytes.min(BATCH as u64) as usize).max(BATCH_MIN)
+}
 
 /// Bios a batch sets aside for the next one (their chunk is in it) before it stops looking.
 const BATCH_LATER: usize = 64;
@@ -69,6 +85,7 @@ impl BatchSlots {
         Ok(BatchSlots(v))
     }
 }
+
 /// One batch of deferred bios, committed by one journal transaction, handled in steps with
 /// the state lock held throughout (see `Shared::run_batch`):
 /// [`plan`](Batch::plan) takes bios off the queue and plans their metadata changes,
@@ -81,6 +98,8 @@ struct Batch<'a> {
     at: Attached,
     /// The bios planned: the first `n` of [`BATCH`] slots (see [`BatchSlots`]).
     items: KVec<Option<Item>>,
+    /// How many bios this batch plans at most (no more than `items` holds).
+    cap: usize,
     n: usize,
     /// The first `copied` items have had their chunks copied.
     copied: usize,
@@ -93,9 +112,11 @@ struct Batch<'a> {
 
 impl<'a> Batch<'a> {
     fn new(sh: &'a Shared, at: Attached, slots: BatchSlots) -> Self {
+        debug_assert_eq!(slots.0.len(), BATCH);
         Batch {
             sh,
             at,
+            cap: batch_cap(sh.chunk_sectors).min(slots.0.len()),
             items: slots.0,
             n: 0,
             copied: 0,
@@ -112,7 +133,7 @@ impl<'a> Batch<'a> {
         let mut later: [Option<Bio>; BATCH_LATER] = [const { None }; BATCH_LATER];
         let mut nlater = 0;
         let mut popped = 0;
-        while self.n < self.items.len() && popped < BATCH_POPS {
+        while self.n < self.cap && popped < BATCH_POPS {
             let Some(bio) = sh.worker.pop() else { break };
             popped += 1;
             let off = bio.sector();
@@ -427,6 +448,7 @@ impl Shared {
         more
     }
 
+    /// [`run_batch`](Self::run_batch) with the slots lent: gives them back with its result.
     fn run_batch_in(&self, st: &mut State, slots: BatchSlots) -> (bool, BatchSlots) {
         let Some(at) = st.attached.clone() else {
             // The origin target is gone: fail what snapshots still send.
@@ -457,7 +479,7 @@ impl Shared {
         // boundaries, or other writers.  Their chunks are copied before the commit too.
         // A few rounds at most, so that the first bios do not wait long for a trickle.
         let mut rounds = 0;
-        while batch.n < batch.items.len() && rounds < JOIN_ROUNDS && !st.mode.batch_lost() {
+        while batch.n < batch.cap && rounds < JOIN_ROUNDS && !st.mode.batch_lost() {
             rounds += 1;
             let planned = batch.n;
             batch.plan(st);
