@@ -65,7 +65,7 @@ impl Origin {
                 snap_refs: [0; MAX_SNAPSHOTS],
                 stats: Stats::default(),
                 copier: Copier::new()?,
-                batch_slots: BatchSlots::new()?,
+                batch_slots: BatchSlots::new(chunk as u64)?,
                 suspended: false,
             })?,
             writes_inflight: Inflight::new()?,

@@ -65,23 +65,24 @@ struct Item {
     action: Action,
 }
 
-/// A batch's item slots, allocated with the origin target and lent to each batch in
-/// turn (under the state lock): the worker allocates nothing per batch, and a batch of
-/// [`BATCH`] items does not sit on the kernel stack.
+/// A batch's item slots, one per bio it may plan, allocated with the origin target and
+/// lent to each batch in turn (under the state lock): the worker allocates nothing per
+/// batch, and a batch does not sit on the kernel stack.
 ///
 /// # Invariants
 ///
-/// Between batches, holds [`BATCH`] slots, all `None`.
+/// Between batches, holds [`batch_cap`] slots for the origin's chunk size, all `None`.
 pub(super) struct BatchSlots(KVec<Option<Item>>);
 
 impl BatchSlots {
-    pub(super) fn new() -> Result<Self> {
-        let mut v = KVec::with_capacity(BATCH, GFP_KERNEL)?;
-        for _ in 0..BATCH {
+    pub(super) fn new(chunk_sectors: u64) -> Result<Self> {
+        let n = batch_cap(chunk_sectors);
+        let mut v = KVec::with_capacity(n, GFP_KERNEL)?;
+        for _ in 0..n {
             // Within the capacity just allocated: no allocation.
             v.push(None, GFP_KERNEL)?;
         }
-        // INVARIANT: BATCH slots, all None.
+        // INVARIANT: `batch_cap` slots, all None.
         Ok(BatchSlots(v))
     }
 }
@@ -96,10 +97,9 @@ struct Batch<'a> {
     sh: &'a Shared,
     /// The origin target's devices, for the whole batch.
     at: Attached,
-    /// The bios planned: the first `n` of [`BATCH`] slots (see [`BatchSlots`]).
+    /// The bios planned: the first `n` of the slots, one per bio it may plan (see
+    /// [`BatchSlots`]).
     items: KVec<Option<Item>>,
-    /// How many bios this batch plans at most (no more than `items` holds).
-    cap: usize,
     n: usize,
     /// The first `copied` items have had their chunks copied.
     copied: usize,
@@ -112,11 +112,9 @@ struct Batch<'a> {
 
 impl<'a> Batch<'a> {
     fn new(sh: &'a Shared, at: Attached, slots: BatchSlots) -> Self {
-        debug_assert_eq!(slots.0.len(), BATCH);
         Batch {
             sh,
             at,
-            cap: batch_cap(sh.chunk_sectors).min(slots.0.len()),
             items: slots.0,
             n: 0,
             copied: 0,
@@ -133,7 +131,7 @@ impl<'a> Batch<'a> {
         let mut later: [Option<Bio>; BATCH_LATER] = [const { None }; BATCH_LATER];
         let mut nlater = 0;
         let mut popped = 0;
-        while self.n < self.cap && popped < BATCH_POPS {
+        while self.n < self.items.len() && popped < BATCH_POPS {
             let Some(bio) = sh.worker.pop() else { break };
             popped += 1;
             let off = bio.sector();
@@ -479,7 +477,7 @@ impl Shared {
         // boundaries, or other writers.  Their chunks are copied before the commit too.
         // A few rounds at most, so that the first bios do not wait long for a trickle.
         let mut rounds = 0;
-        while batch.n < batch.cap && rounds < JOIN_ROUNDS && !st.mode.batch_lost() {
+        while batch.n < batch.items.len() && rounds < JOIN_ROUNDS && !st.mode.batch_lost() {
             rounds += 1;
             let planned = batch.n;
             batch.plan(st);
